@@ -1,0 +1,218 @@
+"""ONE llama-family decoder for both model families, with knobs instead of copies.
+
+Qwen2 (Bunny's LLM):   qkv bias, RoPE rotation in the model dtype, no muP scales.
+MiniCPM (MiniCPM-V-2): no bias, RoPE rotation in fp32, muP: embeddings x scale_emb,
+                       residual branches x scale_depth/sqrt(L), hidden / (hidden/dim_model_base)
+                       before lm_head.
+
+Both use RMSNorm computed in fp32 and cast back before the weight multiply, SwiGLU MLP, rotate-half
+RoPE whose cos/sin tables are computed in fp32 and rounded to the model dtype (what the references
+do once the model is cast), causal attention with softmax scale 1/sqrt(head_dim).
+
+Weights are fused at load time (q|k|v into one matrix, gate|up into one): fewer, larger GEMMs,
+which is what matters on CPU at small batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    rms_eps: float
+    rope_theta: float
+    max_position: int
+    qkv_bias: bool = False
+    rope_fp32: bool = False          # MiniCPM rotates q/k in fp32; Qwen2 in the model dtype
+    scale_emb: float = 1.0           # muP: text embeddings x scale_emb
+    residual_scale: float = 1.0      # muP: scale_depth / sqrt(n_layers)
+    logit_divisor: float = 1.0       # muP: hidden_size / dim_model_base
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of weights read by one decode step (all layers + final norm + lm_head)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        per_layer = h * (self.n_heads * d + 2 * self.n_kv_heads * d) + self.n_heads * d * h + 3 * h * i
+        elem = torch.empty((), dtype=dtype).element_size()
+        return (self.n_layers * per_layer + self.vocab_size * h) * elem
+
+    def flops_per_token(self, context: int = 0) -> int:
+        """Multiply-adds x2 of one token's forward (linear layers + attention at `context`)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        lin = h * (self.n_heads * d + 2 * self.n_kv_heads * d) + self.n_heads * d * h + 3 * h * i
+        attn = 2 * self.n_heads * d * context
+        return 2 * (self.n_layers * (lin + attn) + self.vocab_size * h)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.head_dim
+        self.q_size, self.kv_size = cfg.n_heads * d, cfg.n_kv_heads * d
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [B, h, T, d]; cos/sin [B, 1, T, d] in the model dtype
+        if self.cfg.rope_fp32:
+            xf = x.float()
+            return (xf * cos.float() + rotate_half(xf) * sin.float()).to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, kv_len):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)       # [B, h, T, d]
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)    # [B, kvh, T, d]
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        gqa = cfg.n_heads != cfg.n_kv_heads
+        if cache is None or T > 1:
+            # Prefill (or no cache): causal attention over this chunk only; rows are right-padded
+            # so a real token never sees a pad. Prefill always starts at position 0.
+            if cache is not None:
+                kc, vc = cache.k[layer], cache.v[layer]
+                if slots is None:
+                    kc[:, :, :T] = k
+                    vc[:, :, :T] = v
+                else:
+                    kc[slots, :, :T] = k
+                    vc[slots, :, :T] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            # Decode: one new token per row at its own position; attend to cache[:kv_len].
+            kc, vc = cache.k[layer], cache.v[layer]
+            rows = torch.arange(B, device=x.device) if slots is None else slots
+            kc[rows, :, positions] = k[:, :, 0]
+            vc[rows, :, positions] = v[:, :, 0]
+            if slots is None:
+                kk, vv = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            else:
+                kk, vv = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
+            mask = torch.arange(kv_len, device=x.device)[None, :] <= positions[:, None]   # [B, kv_len]
+            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :], enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(B, T, self.q_size)
+        return self.o(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split([self.inter, self.inter], dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+        self.residual_scale = cfg.residual_scale
+
+    def forward(self, x, cos, sin, cache, layer, slots, positions, kv_len):
+        a = self.attn(self.input_norm(x), cos, sin, cache, layer, slots, positions, kv_len)
+        if self.residual_scale != 1.0:
+            a = a * self.residual_scale
+        x = x + a
+        m = self.mlp(self.post_norm(x))
+        if self.residual_scale != 1.0:
+            m = m * self.residual_scale
+        return x + m
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- tables ---------------------------------------------------------------------------------
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_position, head_dim], computed in fp32 and rounded to the weight dtype."""
+        w = self.lm_head.weight
+        if self._rope_cache is None or self._rope_cache[0].dtype != w.dtype or self._rope_cache[0].device != w.device:
+            d = self.cfg.head_dim
+            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            t = torch.arange(self.cfg.max_position, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos().to(w.dtype).to(w.device), emb.sin().to(w.dtype).to(w.device))
+        return self._rope_cache
+
+    # -- API ------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Text token embeddings, muP-scaled (x scale_emb) where the family asks for it."""
+        e = self.embed_tokens(ids)
+        return e * self.cfg.scale_emb if self.cfg.scale_emb != 1.0 else e
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+        """x [B, T, H] input embeddings; positions [B, T] (prefill) or [B] (decode, T == 1).
+
+        Without a cache: plain causal forward. With a cache and T > 1: prefill into `slots`
+        (None = slots 0..B-1) at positions 0..T-1. With T == 1: one decode step, each row at its
+        own position, attending to cache[:kv_len]. Returns the final-normed hidden [B, T, H].
+        """
+        cos_t, sin_t = self.rope_tables()
+        pos2d = positions if positions.dim() == 2 else positions[:, None]           # [B, T]
+        cos, sin = cos_t[pos2d][:, None], sin_t[pos2d][:, None]                     # [B, 1, T, d]
+        pos1d = positions if positions.dim() == 1 else positions[:, -1]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, slots, pos1d, kv_len)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cfg.logit_divisor != 1.0:
+            hidden = hidden / self.cfg.logit_divisor
+        return self.lm_head(hidden).float()
+
+
+def residual_scale(scale_depth: float, n_layers: int) -> float:
+    return scale_depth / math.sqrt(n_layers)

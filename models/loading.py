@@ -1,0 +1,162 @@
+"""Strict weight loading from the original Hugging Face safetensors files.
+
+A checkpoint folder is untrusted input: only safetensors are read (no pickle, no remote code),
+config.json is parsed as plain JSON, and every tensor is accounted for. The model families give a
+*name map* (checkpoint name -> our parameter name, or a fusion of several checkpoint tensors into
+one parameter); `load_into` then checks that every parameter of the module received a tensor of
+the right shape and that every checkpoint tensor was used, naming the first offender otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing, malformed or does not match the architecture."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint folder?)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config.json ({e})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: config.json is not a JSON object")
+    return cfg
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint: model.safetensors or the shards named by the index."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
+        names = sorted(set(weight_map.values()))
+        for n in names:
+            if "/" in n or "\\" in n or n.startswith("."):
+                raise CheckpointError(f"{index}: refusing shard name outside the folder: {n!r}")
+        files = [model_dir / n for n in names]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+            raise CheckpointError(f"{model_dir}: only pickle weights (.bin/.pt) found; convert to safetensors "
+                                  "(pickle files can execute code and are never loaded)")
+        raise CheckpointError(f"{model_dir}: no *.safetensors weight file")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{model_dir}: weight shard {f.name} is missing")
+    return files
+
+
+class TensorSource:
+    """Lazy, mmap-backed view of every tensor in a checkpoint; remembers what was read."""
+
+    def __init__(self, model_dir: str | Path):
+        self._handles = {}
+        self._where: dict[str, object] = {}
+        for f in safetensors_files(model_dir):
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: not a valid safetensors file ({e})") from e
+            self._handles[f] = h
+            for k in h.keys():
+                if k in self._where:
+                    raise CheckpointError(f"{f.name}: tensor {k} appears in two weight files")
+                self._where[k] = h
+        self.used: set[str] = set()
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        self.used.add(name)
+        return self._where[name].get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parameter of ours built from one or more checkpoint tensors (concatenated on dim 0)."""
+
+    target: str
+    sources: tuple[str, ...]
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class NameMap:
+    rules: list[Rule] = field(default_factory=list)
+    ignored: set[str] = field(default_factory=set)  # present in the file but unused by design
+
+    def add(self, target: str, *sources: str, transform=None) -> None:
+        self.rules.append(Rule(target, tuple(sources), transform))
+
+    def ignore(self, names: Iterable[str]) -> None:
+        self.ignored.update(names)
+
+
+def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> set[str]:
+    """Fill `module` (built on the meta device or not) from `src`; strict both ways.
+
+    Returns the set of checkpoint names that were loaded. Floating tensors are cast to `dtype`.
+    """
+    params = dict(module.named_parameters())
+    params.update(dict(module.named_buffers()))
+    state: dict[str, torch.Tensor] = {}
+    for rule in name_map.rules:
+        if rule.target not in params:
+            raise CheckpointError(f"internal name map targets unknown parameter {rule.target}")
+        parts = [src.get(s) for s in rule.sources]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if rule.transform is not None:
+            t = rule.transform(t)
+        want = tuple(params[rule.target].shape)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"tensor {'+'.join(rule.sources)} has shape {tuple(t.shape)}, "
+                                  f"the architecture from config.json expects {want}")
+        if t.is_floating_point():
+            t = t.to(dtype)
+        state[rule.target] = t.to(device).contiguous()
+    missing = [n for n, p in module.named_parameters() if n not in state]
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor for parameter {missing[0]} ({len(missing)} missing)")
+    unused = sorted(src.names() - src.used - name_map.ignored)
+    if unused:
+        raise CheckpointError(f"checkpoint tensor {unused[0]} is not used by the architecture "
+                              f"({len(unused)} unused; wrong config.json or model family?)")
+    module.load_state_dict(state, strict=False, assign=True)
+    # Non-persistent buffers built on meta (none should be) would remain meta: catch that early.
+    for n, b in module.named_buffers():
+        if b.is_meta:
+            raise CheckpointError(f"internal: buffer {n} was never materialised")
+    log.debug("loaded %d tensors", len(src.used))
+    return set(src.used)
