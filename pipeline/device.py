@@ -1,0 +1,130 @@
+"""The ONLY module that knows about cpu / cuda / npu: resolution, dtype policy, sync, memory.
+
+`torch_npu` is imported only when an NPU is asked for (or probed by `auto`), never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class DeviceError(RuntimeError):
+    """The asked-for device or dtype cannot be used here; the message says what to do."""
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device type)
+    except ImportError:
+        return False
+    return bool(getattr(torch, "npu", None)) and torch.npu.is_available()
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda[:i]' | 'npu[:i]' -> torch.device, or a DeviceError with a hint."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if _npu_available():
+            return torch.device("npu:0")
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("cpu")
+    kind, _, idx = spec.partition(":")
+    if idx and not idx.isdigit():
+        raise DeviceError(f"bad device {spec!r}: use auto, cpu, cuda[:i] or npu[:i]")
+    if kind == "cpu":
+        if idx:
+            raise DeviceError(f"bad device {spec!r}: cpu takes no index")
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec!r} asked for but no CUDA GPU is visible to torch "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        i = int(idx or 0)
+        if i >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", i)
+    if kind == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError as e:
+            raise DeviceError("device 'npu' needs torch_npu: pip install 'vlm-caption-pipeline[npu]' "
+                              "(with the CANN toolkit matching your Ascend driver)") from e
+        if not torch.npu.is_available():
+            raise DeviceError(f"device {spec!r}: torch_npu is installed but sees no Ascend NPU")
+        i = int(idx or 0)
+        if i >= torch.npu.device_count():
+            raise DeviceError(f"device {spec!r}: only {torch.npu.device_count()} NPU(s) visible")
+        return torch.device("npu", i)
+    raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda[:i] or npu[:i]")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls are native and fast on this CPU."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' applies the per-device policy; other names map directly."""
+    spec = (spec or "auto").strip().lower()
+    if spec != "auto":
+        if spec not in DTYPES:
+            raise DeviceError(f"unknown dtype {spec!r}: use auto, float32, bfloat16 or float16")
+        return DTYPES[spec]
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "npu":
+        name = torch.npu.get_device_name(device.index or 0)
+        # 910B / 800I A2 support bf16; 310P (300I DUO) only fp16.
+        return torch.bfloat16 if "910" in name else torch.float16
+    return torch.float32
+
+
+def set_threads(n: int | None) -> None:
+    """CPU threads for intra-op parallelism (default: what torch picked, i.e. all cores)."""
+    if n:
+        torch.set_num_threads(n)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads, bf16 {'native' if cpu_has_bf16() else 'emulated'})"
+    if device.type == "cuda":
+        return f"cuda:{device.index} ({torch.cuda.get_device_name(device)})"
+    if device.type == "npu":
+        return f"npu:{device.index} ({torch.npu.get_device_name(device.index or 0)})"
+    return str(device)
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
