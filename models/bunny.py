@@ -227,6 +227,12 @@ def name_map(cfg: BunnyConfig) -> NameMap:
     return m
 
 
+def frontend(model_dir: str | Path) -> tuple[BunnyProcessor, BunnyPrompts]:
+    """The CPU-side parts (image processor, prompt builder) without loading any weights."""
+    cfg = BunnyConfig.from_dict(read_config(model_dir))
+    return BunnyProcessor(cfg.image_size), BunnyPrompts(load_tokenizer(model_dir), cfg)
+
+
 def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     raw = read_config(model_dir)
     cfg = BunnyConfig.from_dict(raw)

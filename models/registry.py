@@ -24,6 +24,12 @@ def family_of(model_dir: str | Path) -> str:
     return mt
 
 
+def load_frontend(model_dir: str | Path):
+    """(image processor, prompt builder) of a checkpoint, without weights: for CPU workers."""
+    module = importlib.import_module(FAMILIES[family_of(model_dir)])
+    return module.frontend(model_dir)
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load any supported checkpoint folder; the family is picked from config.json."""
     module = importlib.import_module(FAMILIES[family_of(model_dir)])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from models.base import PixelInputs
+from models.base import PixelInputs, PromptPlan
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class ImageRef:
 class ImageInputs:
     ref: ImageRef
     pixels: PixelInputs
+    plan: PromptPlan               # prompt ids with the image spans (tokenized on the CPU workers)
     width: int
     height: int
     seconds: float                 # time spent opening + preprocessing
@@ -41,10 +42,11 @@ class ImageInputs:
 @dataclass(frozen=True)
 class VisionFeatures:
     ref: ImageRef
-    embeds: torch.Tensor           # [n_image_tokens, hidden] in the compute dtype
+    prompt_embeds: torch.Tensor    # [L, hidden] prefill embeddings (text + spliced image features)
     width: int
     height: int
-    seconds: float
+    preprocess_s: float
+    encode_s: float
 
 
 @dataclass(frozen=True)
