@@ -121,8 +121,8 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x.device) if slots is None else slots
             kc[rows, :, positions] = k[:, :, 0]
             vc[rows, :, positions] = v[:, :, 0]
-            if slots is None:
-                kk, vv = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            if slots is None:   # the first B slots: a view, no copy
+                kk, vv = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
             else:
                 kk, vv = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
             mask = torch.arange(kv_len, device=x.device)[None, :] <= positions[:, None]   # [B, kv_len]
@@ -198,7 +198,8 @@ class Decoder(nn.Module):
 
         Without a cache: plain causal forward. With a cache and T > 1: prefill into `slots`
         (None = slots 0..B-1) at positions 0..T-1. With T == 1: one decode step, each row at its
-        own position, attending to cache[:kv_len]. Returns the final-normed hidden [B, T, H].
+        own position, attending to cache[:kv_len] (slots None = the first B slots, as a view).
+        Returns the final-normed hidden [B, T, H].
         """
         cos_t, sin_t = self.rope_tables()
         pos2d = positions if positions.dim() == 2 else positions[:, None]           # [B, T]
