@@ -13,6 +13,7 @@ from models.loading import CheckpointError, read_config
 # model_type as written in the original checkpoints' config.json -> module with load()
 FAMILIES: dict[str, str] = {
     "bunny-qwen2": "models.bunny",
+    "minicpmv": "models.minicpmv2",
 }
 
 
@@ -30,7 +31,16 @@ def load_frontend(model_dir: str | Path):
     return module.frontend(model_dir)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load any supported checkpoint folder; the family is picked from config.json."""
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+               pack_linears: bool = False) -> LoadedModel:
+    """Load any supported checkpoint folder; the family is picked from config.json.
+
+    pack_linears: reorder bf16 Linear weights into oneDNN's layout (CPU fast path; the caller
+    decides with pipeline.device.prefers_packed_linear, the one place that knows devices).
+    """
     module = importlib.import_module(FAMILIES[family_of(model_dir)])
-    return module.load(model_dir, dtype, device)
+    loaded = module.load(model_dir, dtype, device)
+    if pack_linears:
+        from models.packed_linear import pack_linears as pack
+        pack(loaded.model)
+    return loaded

@@ -1,0 +1,301 @@
+"""MiniCPM-V-2: timm SigLIP-so400m (26 of 27 blocks, final LN) -> perceiver resampler (64 queries
+per crop) -> MiniCPM-2.4B (llama-family decoder with muP scales).
+
+Spec: ../shared/docs/minicpmv2.md. Loads the original openbmb/MiniCPM-V-2 checkpoint folder
+(config.json, model.safetensors with the original `vpm.*`, `resampler.*`, `llm.*` names,
+tokenizer.model + JSON); no remote code, no pickle. Slicing lives in minicpmv2_slicing.py, the
+resampler in resampler.py, the slow SentencePiece tokenizer in minicpmv2_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.base import LoadedModel, PixelInputs, PromptPlan, splice
+from models.decoder import Decoder, DecoderConfig, residual_scale
+from models.loading import CheckpointError, NameMap, TensorSource, load_into, read_config
+from models.minicpmv2_slicing import MiniCPMV2Processor, SliceConfig
+from models.minicpmv2_tokenizer import SlowLlamaTokenizer
+from models.resampler import Resampler
+from models.vit import ViT, ViTConfig
+
+log = logging.getLogger(__name__)
+
+# timm vit_so400m_patch14_siglip_384 dims, used when config.json has no "vision_config" (the real
+# checkpoint). depth counts the block that drop_vision_last_layer removes.
+SO400M = dict(embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, patch_size=14, img_size=384)
+SO400M_NAMES = ("vit_so400m_patch14_siglip_384", "vit_so400m_patch14_siglip_384.webli")
+
+IM_START, IM_END, UNK = "<image>", "</image>", "<unk>"
+SLICE_START, SLICE_END = "<slice>", "</slice>"
+# MiniCPMV.chat for one user turn with an image (§5.5): the one "<image>" stands for the whole
+# placeholder (source + slices), then "\n" and the question; no system prompt, no separators.
+TEMPLATE = "<用户><image>\n{question}<AI>"
+
+
+@dataclass(frozen=True)
+class MiniCPMV2Config:
+    llm: DecoderConfig
+    vit: ViTConfig
+    slicing: SliceConfig
+    query_num: int                  # resampler queries per crop (64 = 8x8)
+    resampler_heads: int            # hidden // 128, floor (2304 -> 18; the tiny 320 -> 2)
+    eos_token_id: int
+    max_length: int                 # chat()'s max_inp_length: prompt ids are cut here
+    name: str
+
+    @staticmethod
+    def from_dict(c: dict) -> "MiniCPMV2Config":
+        try:
+            if not c.get("slice_mode", True):
+                raise CheckpointError("slice_mode false is not supported (every released MiniCPM-V-2 slices)")
+            if c.get("rope_scaling") is not None:
+                raise CheckpointError(f"rope_scaling {c['rope_scaling']!r} is not supported")
+            if c.get("hidden_act", "silu") != "silu":
+                raise CheckpointError(f"unsupported hidden_act {c['hidden_act']!r} (only silu)")
+            if "vision_config" not in c and c.get("vision_encoder", SO400M_NAMES[1]) not in SO400M_NAMES:
+                raise CheckpointError(f"unsupported vision_encoder {c['vision_encoder']!r} (only so400m-patch14-384)")
+            v = {**SO400M, **c.get("vision_config", {})}
+            width = int(v["embed_dim"])
+            depth = int(v["depth"]) - (1 if c.get("drop_vision_last_layer", True) else 0)
+            vit = ViTConfig(width=width, depth=depth, heads=int(v["num_heads"]),
+                            mlp_dim=int(width * float(v["mlp_ratio"])),        # timm: int(dim * mlp_ratio)
+                            patch=int(v["patch_size"]), grid=int(v["img_size"]) // int(v["patch_size"]),
+                            eps=1e-6, gelu_tanh=False, final_norm=True)       # timm: exact erf GELU
+            hidden, n_layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
+            llm = DecoderConfig(
+                vocab_size=int(c["vocab_size"]), hidden_size=hidden, n_layers=n_layers,
+                n_heads=int(c["num_attention_heads"]),
+                n_kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
+                intermediate_size=int(c["intermediate_size"]), rms_eps=float(c.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(c.get("rope_theta", 10000.0)),
+                max_position=int(c.get("max_position_embeddings", 4096)), qkv_bias=bool(c.get("attention_bias", False)),
+                rope_fp32=True, scale_emb=float(c.get("scale_emb", 1)),
+                residual_scale=residual_scale(float(c.get("scale_depth", 1.0)), n_layers),
+                logit_divisor=hidden / float(c.get("dim_model_base", hidden)))
+            query_num = int(c.get("query_num", 64))
+            if math.isqrt(query_num) ** 2 != query_num:
+                raise CheckpointError(f"query_num {query_num} is not a square grid")
+            heads = hidden // 128
+            if heads < 1 or hidden % heads:
+                raise CheckpointError(f"resampler of width {hidden} cannot use {heads} heads (hidden // 128)")
+            eos = c.get("eos_token_id", 2)
+            return MiniCPMV2Config(
+                llm=llm, vit=vit, query_num=query_num, resampler_heads=heads,
+                slicing=SliceConfig(max_slices=int(c.get("max_slice_nums", 9)),
+                                    scale_resolution=int(c.get("scale_resolution", 448)), patch=vit.patch),
+                eos_token_id=int(eos[0] if isinstance(eos, list) else eos), max_length=2048,
+                name=str(c.get("_name_or_path", "minicpmv2")))
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks {e.args[0]!r} needed for MiniCPM-V-2") from e
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"config.json has a malformed value for MiniCPM-V-2 ({e})") from e
+
+
+# -- prompt ----------------------------------------------------------------------------------------
+
+def image_placeholder(grid: tuple[int, int] | None, query_num: int) -> str:
+    """<image><unk>*Q</image> for the source, then the slices: one line of `cols` blocks per row."""
+    one = IM_START + UNK * query_num + IM_END
+    if grid is None:
+        return one
+    cols, rows = grid
+    return one + SLICE_START + "\n".join(one * cols for _ in range(rows)) + SLICE_END
+
+
+class MiniCPMV2Prompts:
+    """`<用户>{placeholder}\\n{question}<AI>` -> ids (BOS first) and the 64-slot image spans."""
+
+    def __init__(self, tokenizer: SlowLlamaTokenizer, cfg: MiniCPMV2Config, template: str = TEMPLATE):
+        self.tok = tokenizer
+        self.template = template        # a preset may swap it (one "<image>", one "{question}")
+        self.query_num = cfg.query_num
+        self.max_length = cfg.max_length
+        self.eos_token_ids = (cfg.eos_token_id,)
+        self.im_start_id = tokenizer.token_to_id(IM_START)
+        self.im_end_id = tokenizer.token_to_id(IM_END)
+        self.unknown_ids_decoded = 0        # ids beyond the tokenizer (random full-size heads)
+
+    def text(self, question: str, pixels: PixelInputs) -> str:
+        parts = self.template.split(IM_START)
+        if len(parts) != 2:
+            raise ValueError(f"the MiniCPM-V-2 template must contain exactly one {IM_START}")
+        # the placeholder goes in first, so a question that mentions "<image>" cannot move it
+        before, after = (p.replace("{question}", question) for p in parts)
+        return before + image_placeholder(pixels.grid, self.query_num) + after
+
+    def build(self, question: str, pixels: PixelInputs) -> PromptPlan:
+        ids = self.tok.encode(self.text(question, pixels))
+        if len(ids) > self.max_length:
+            # The reference cuts at max_inp_length (text only survives if images come first).
+            log.warning("prompt of %d tokens cut to %d", len(ids), self.max_length)
+            ids = ids[:self.max_length]
+        starts = [i + 1 for i, t in enumerate(ids) if t == self.im_start_id]
+        ends = [i for i, t in enumerate(ids) if t == self.im_end_id]
+        spans = tuple(zip(starts, ends))
+        n_crops = len(pixels.crops)
+        if len(starts) != len(ends) or len(spans) != n_crops or any(e - s != self.query_num for s, e in spans):
+            raise ValueError(f"prompt has image spans {spans}, expected {n_crops} blocks of {self.query_num} "
+                             f"(question containing {IM_START}/{IM_END}, or cut at {self.max_length} tokens?)")
+        return PromptPlan(ids=tuple(ids), image_spans=spans)
+
+    def decode(self, ids: list[int]) -> str:
+        """The reference's _decode_text: drop every 0, a leading BOS and a trailing EOS; decode; strip."""
+        ids = [int(i) for i in ids if int(i) != 0]
+        if ids and ids[0] == self.tok.bos_id:
+            ids = ids[1:]
+        if ids and ids[-1] == self.tok.eos_id:
+            ids = ids[:-1]
+        res = self.tok.decode(ids)
+        if res.n_unknown:
+            if not self.unknown_ids_decoded:
+                log.warning("generated ids beyond the tokenizer's %d entries are decoded as '' "
+                            "(random weights, or a tokenizer that does not match the checkpoint?)",
+                            self.tok.vocab_size)
+            self.unknown_ids_decoded += res.n_unknown
+        return res.text.strip()
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+class MiniCPMV2(nn.Module):
+    def __init__(self, cfg: MiniCPMV2Config, max_crops_per_call: int = 16):
+        super().__init__()
+        self.cfg = cfg
+        self.max_crops_per_call = max_crops_per_call   # bounds the ViT's activation memory
+        self.vision = ViT(cfg.vit)
+        self.resampler = Resampler(cfg.query_num, cfg.llm.hidden_size, cfg.resampler_heads, kv_dim=cfg.vit.width)
+        self.llm = Decoder(cfg.llm)
+
+    def encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] crops of one size -> [B, query_num, hidden] resampled features."""
+        p = self.cfg.vit.patch
+        h, w = pixels.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(f"crop {h}x{w} is not a multiple of the {p}-pixel patch")
+        x = self.vision(pixels)                                      # [B, (h/p)*(w/p), vit width]
+        return self.resampler(x, (h // p, w // p))                   # [B, Q, hidden]
+
+    @torch.inference_mode()
+    def encode_images(self, batch: list[PixelInputs]) -> list[torch.Tensor]:
+        """Per image [query_num * n_crops, hidden], crops in order (source, then slices row-major).
+
+        Crops of equal size (from any image of the batch) share one ViT + resampler call; the
+        reference runs them one by one, which gives the same values up to kernel rounding.
+        """
+        dev, dtype = self.llm.embed_tokens.weight.device, self.llm.embed_tokens.weight.dtype
+        by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, px in enumerate(batch):
+            for j, crop in enumerate(px.crops):
+                by_shape.setdefault(tuple(crop.shape[-2:]), []).append((i, j))
+        out: list[list[torch.Tensor | None]] = [[None] * len(px.crops) for px in batch]
+        for where in by_shape.values():
+            for k in range(0, len(where), self.max_crops_per_call):
+                chunk = where[k:k + self.max_crops_per_call]
+                x = torch.stack([batch[i].crops[j] for i, j in chunk]).to(dev)
+                feats = self.encode_crops(x).to(dtype)                   # [n, Q, hidden]
+                for (i, j), f in zip(chunk, feats.unbind(0)):
+                    out[i][j] = f
+        return [torch.cat(fs, dim=0) if fs else torch.empty(0, self.cfg.llm.hidden_size, device=dev, dtype=dtype)
+                for fs in out]
+
+    def prompt_embeds(self, plan: PromptPlan, features: torch.Tensor) -> torch.Tensor:
+        """Text ids x scale_emb, with the (unscaled) image features written into the <unk> slots."""
+        return splice(self.llm, plan, features)
+
+
+def _drop_batch_dim(t: torch.Tensor) -> torch.Tensor:
+    """timm stores the position embedding with a batch dim: [1, 729, C] -> ours [729, C]."""
+    if t.dim() != 3 or t.shape[0] != 1:
+        raise CheckpointError(f"tensor vpm.pos_embed has shape {tuple(t.shape)}, expected [1, grid*grid, width]")
+    return t[0]
+
+
+def name_map(cfg: MiniCPMV2Config) -> NameMap:
+    m = NameMap()
+    m.add("llm.embed_tokens.weight", "llm.model.embed_tokens.weight")
+    for i in range(cfg.llm.n_layers):
+        p, q = f"llm.model.layers.{i}.", f"llm.layers.{i}."
+        m.add(q + "attn.qkv.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
+        if cfg.llm.qkv_bias:
+            m.add(q + "attn.qkv.bias", *(p + f"self_attn.{x}_proj.bias" for x in "qkv"))
+        m.add(q + "attn.o.weight", p + "self_attn.o_proj.weight")
+        m.add(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        m.add(q + "mlp.down.weight", p + "mlp.down_proj.weight")
+        m.add(q + "input_norm.weight", p + "input_layernorm.weight")
+        m.add(q + "post_norm.weight", p + "post_attention_layernorm.weight")
+    m.add("llm.norm.weight", "llm.model.norm.weight")
+    m.add("llm.lm_head.weight", "llm.lm_head.weight")
+
+    # timm VisionTransformer names; qkv is already fused there, like ours.
+    m.add("vision.patch_embed.weight", "vpm.patch_embed.proj.weight")
+    m.add("vision.patch_embed.bias", "vpm.patch_embed.proj.bias")
+    m.add("vision.pos_embed", "vpm.pos_embed", transform=_drop_batch_dim)
+    for j in range(cfg.vit.depth):
+        p, q = f"vpm.blocks.{j}.", f"vision.blocks.{j}."
+        for t in ("weight", "bias"):
+            m.add(q + f"qkv.{t}", p + f"attn.qkv.{t}")
+            m.add(q + f"proj.{t}", p + f"attn.proj.{t}")
+            m.add(q + f"norm1.{t}", p + f"norm1.{t}")
+            m.add(q + f"norm2.{t}", p + f"norm2.{t}")
+            m.add(q + f"fc1.{t}", p + f"mlp.fc1.{t}")
+            m.add(q + f"fc2.{t}", p + f"mlp.fc2.{t}")
+    for t in ("weight", "bias"):
+        m.add(f"vision.norm.{t}", f"vpm.norm.{t}")
+
+    for n in ("query", "pos_embed", "proj", "attn.in_proj_weight", "attn.in_proj_bias",
+              "attn.out_proj.weight", "attn.out_proj.bias"):
+        m.add(f"resampler.{n}", f"resampler.{n}")
+    if cfg.vit.width != cfg.llm.hidden_size:
+        m.add("resampler.kv_proj.weight", "resampler.kv_proj.weight")
+    for ln in ("ln_q", "ln_kv", "ln_post"):
+        for t in ("weight", "bias"):
+            m.add(f"resampler.{ln}.{t}", f"resampler.{ln}.{t}")
+    return m
+
+
+def checkpoint_shapes(cfg: MiniCPMV2Config) -> dict[str, tuple[int, ...]]:
+    """Original tensor name -> shape in the hub's file (for writing random full-size checkpoints)."""
+    with torch.device("meta"):
+        params = dict(MiniCPMV2(cfg).named_parameters())
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule in name_map(cfg).rules:
+        full = tuple(params[rule.target].shape)
+        k = len(rule.sources)               # fused q|k|v and gate|up split evenly on dim 0
+        for s in rule.sources:
+            shapes[s] = (full[0] // k, *full[1:])
+    shapes["vpm.pos_embed"] = (1, *shapes["vpm.pos_embed"])
+    return shapes
+
+
+def load_tokenizer(model_dir: str | Path) -> SlowLlamaTokenizer:
+    return SlowLlamaTokenizer(model_dir)
+
+
+def frontend(model_dir: str | Path) -> tuple[MiniCPMV2Processor, MiniCPMV2Prompts]:
+    """The CPU-side parts (image processor, prompt builder) without loading any weights."""
+    cfg = MiniCPMV2Config.from_dict(read_config(model_dir))
+    return MiniCPMV2Processor(cfg.slicing), MiniCPMV2Prompts(load_tokenizer(model_dir), cfg)
+
+
+def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    cfg = MiniCPMV2Config.from_dict(read_config(model_dir))
+    src = TensorSource(model_dir)
+    with torch.device("meta"):
+        model = MiniCPMV2(cfg)
+    load_into(model, src, name_map(cfg), dtype=dtype, device=device)
+    model.eval()
+    tok = load_tokenizer(model_dir)
+    if tok.vocab_size != cfg.llm.vocab_size:
+        log.warning("tokenizer has %d entries but the LM head %d rows", tok.vocab_size, cfg.llm.vocab_size)
+    return LoadedModel(family="minicpmv2", name=cfg.name, model=model, processor=MiniCPMV2Processor(cfg.slicing),
+                       prompts=MiniCPMV2Prompts(tok, cfg), dtype=dtype, device=torch.device(device),
+                       max_context=cfg.llm.max_position)
