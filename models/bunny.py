@@ -183,7 +183,7 @@ class Bunny(nn.Module):
         """Every Bunny image is one 384x384 crop, so the whole batch runs in one ViT call."""
         if not batch:
             return []
-        dev = self.llm.lm_head.weight.device
+        dev = self.llm.embed_tokens.weight.device
         x = torch.stack([p.crops[0] for p in batch]).to(dev)
         feats = self.projector(self.vision_features(x))                             # [B, 729, hidden]
         return list(feats.unbind(0))

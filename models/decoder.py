@@ -176,7 +176,7 @@ class Decoder(nn.Module):
     # -- tables ---------------------------------------------------------------------------------
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [max_position, head_dim], computed in fp32 and rounded to the weight dtype."""
-        w = self.lm_head.weight
+        w = self.embed_tokens.weight   # never packed: its dtype/device are the model's
         if self._rope_cache is None or self._rope_cache[0].dtype != w.dtype or self._rope_cache[0].device != w.device:
             d = self.cfg.head_dim
             inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))

@@ -74,8 +74,8 @@ class CaptionEngine:
         self.eos = set(loaded.prompts.eos_token_ids)
         self.stats = EngineStats()
         self.cache: KVCache | None = None
-        self.device = self.llm.lm_head.weight.device
-        self.dtype = self.llm.lm_head.weight.dtype
+        self.device = self.llm.embed_tokens.weight.device
+        self.dtype = self.llm.embed_tokens.weight.dtype
 
     # -- cache ---------------------------------------------------------------------------------------
     def _shape(self, slots: int, max_len: int) -> CacheShape:
