@@ -20,3 +20,57 @@ class DecodeConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+# -- the `caption` job -----------------------------------------------------------------------------
+
+DEFAULT_PROMPT = "Describe this image in detail."
+DEFAULT_SHARD_SIZE = 256
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000     # 10^8: a 10k x 10k photo; larger is refused as too_large
+DEFAULT_MAX_ASPECT_RATIO = 50.0            # 1 x 20000 strips etc. are refused (padding them to a square explodes)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps applied before any pixel is decoded: untrusted inputs must not exhaust memory."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+
+@dataclass(frozen=True)
+class ArraySlice:
+    """This process's part of the manifest in an array job: shards with index % total == index."""
+
+    index: int = 0
+    total: int = 1
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.total == self.index
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `pipeline caption` was asked to do, after job file + flags + defaults are merged."""
+
+    manifest: str
+    model: str
+    out: str
+    prompt: str | None = None               # None: the preset's question, else DEFAULT_PROMPT
+    prompt_preset: str | None = None
+    decode: DecodeConfig = DecodeConfig()
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_size: int | None = None       # engine slots; None = from the memory budget
+    memory_budget_gib: float | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    retry_failed: bool = False
+    array: ArraySlice = ArraySlice()
+    engine: str = "local"                   # "local" | "ray" (ray: later)
+    ray_address: str | None = None
+    threads: int | None = None
+    quiet: bool = False
+    workers: int | None = None              # preprocessing processes; None = from the core count, 0 = inline
+    limits: ImageLimits = ImageLimits()
+    config_file: str | None = None          # the TOML job file the options came from, for the record
