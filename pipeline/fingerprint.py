@@ -1,0 +1,88 @@
+"""What makes two runs' captions comparable: the run fingerprint.
+
+It covers the model files' identity (names, sizes, content hashes — not their folder, so a
+checkpoint copied to another node keeps its identity; config.json holds the model's name), the
+model family, the question
+and template, the decoding settings (max new tokens included) and the compute dtype. Things that
+do not change a caption (device index, threads, batch size, shard size) are not in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FULL_HASH_LIMIT = 8 << 20      # files up to 8 MiB are hashed whole (configs, tokenizers)
+SAMPLE = 1 << 20               # larger ones (weights): size + first and last MiB, read in milliseconds
+
+
+def file_identity(path: Path) -> str:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return f"{size}:sha256:{h.hexdigest()[:32]}"
+        h.update(f.read(SAMPLE))
+        f.seek(size - SAMPLE)
+        h.update(f.read(SAMPLE))
+    return f"{size}:sampled-sha256:{h.hexdigest()[:32]}"
+
+
+def model_identity(model_dir: str | os.PathLike) -> dict[str, str]:
+    """{relative file name: identity} for every regular file of the checkpoint folder."""
+    root = Path(model_dir)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath, name)
+            if p.is_file():
+                out[p.relative_to(root).as_posix()] = file_identity(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    parts: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(self.parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def make(model_files: dict[str, str], family: str, question: str, template: str | None,
+         preset: str | None, decode: dict[str, Any], dtype: str) -> Fingerprint:
+    return Fingerprint({"model_files": model_files, "family": family,
+                        "question": question, "template": template, "prompt_preset": preset,
+                        "decode": decode, "dtype": dtype})
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def explain(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """One phrase naming the first difference between two fingerprints' parts, or None if equal."""
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if a == b:
+            continue
+        if name == "model_files" and isinstance(a, dict) and isinstance(b, dict):
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            return f"the model files differ ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    return f"{name}.{k} was {_short(a.get(k))}, now {_short(b.get(k))}"
+        return f"{name} was {_short(a)}, now {_short(b)}"
+    return None
