@@ -1,0 +1,180 @@
+"""Preprocess stage: ImageRef -> ImageInputs (pixels + prompt plan) or a Failed record.
+
+Images are untrusted. Before any pixel is decoded the file must be a regular file in an allowed
+format (no EPS: Pillow would run Ghostscript on it) whose header size is within the pixel cap and
+aspect-ratio cap; then it is decoded (first frame only), EXIF-rotated, converted to 8-bit RGB,
+and handed to the model family's own processor and prompt builder. Every failure becomes a
+Failed record with a short status:
+
+    missing        no such file
+    unreadable     the file exists but cannot be read (permissions, I/O error)
+    not_a_file     a folder, FIFO, device...
+    not_an_image   empty, or not an allowed image format
+    truncated      the image data ends early
+    corrupt        the decoder rejected the data
+    too_large      over the pixel cap (decompression bombs included), checked before decoding
+    extreme_aspect longer side over max_aspect_ratio x the shorter (e.g. 1x20000 strips)
+    preprocess_error  the model's processor or prompt builder failed
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.config import ImageLimits
+from pipeline.records import Failed, ImageInputs, ImageRef
+
+log = logging.getLogger(__name__)
+
+# Formats cameras, phones and the web produce (JPEG includes camera MPO files). Deliberately no
+# EPS/PS (Pillow would execute Ghostscript), nor exotic formats whose decoders see little hardening.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+
+
+def _formats() -> list[str]:
+    Image.init()
+    return [f for f in ALLOWED_FORMATS if f in Image.OPEN]    # AVIF is absent from some Pillow builds
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+BACKGROUND = (255, 255, 255)   # transparent pixels are shown on white, as on a web page
+
+
+class ImageError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit data is scaled (Pillow's convert would clip it to white); transparency
+    is composited on white (convert('RGB') would expose whatever colours hide under alpha 0)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img)
+        if img.mode == "F":
+            a8 = np.clip(a, 0, 255).astype(np.uint8)
+        elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a8 = (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        else:
+            a8 = np.clip(a, 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_image(path: str, limits: ImageLimits) -> Image.Image:
+    """Decode an untrusted image file to RGB within the limits, or raise ImageError."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError("missing", f"no such file: {path}") from None
+    except PermissionError as e:
+        raise ImageError("unreadable", f"permission denied: {e.filename}") from None
+    except (OSError, ValueError) as e:   # ValueError: NUL in the path
+        raise ImageError("unreadable", f"cannot stat: {e}") from None
+    if not stat.S_ISREG(st.st_mode):     # never open a FIFO (it would block) or a device
+        raise ImageError("not_a_file", "not a regular file")
+    if st.st_size == 0:
+        raise ImageError("not_an_image", "empty file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ImageError("unreadable", f"cannot open: {e.strerror or e}") from None
+    with f, warnings.catch_warnings():
+        # Pillow warns between MAX_IMAGE_PIXELS and twice that; make that an error too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(f, formats=_formats())
+        except UnidentifiedImageError:
+            raise ImageError("not_an_image", "not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError("too_large", str(e)) from None
+        except OSError as e:
+            raise ImageError("unreadable" if isinstance(e, PermissionError) else "corrupt", f"{e}") from None
+        except Exception as e:  # noqa: BLE001 - a hostile header may raise anything
+            raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageError("corrupt", f"image size {w}x{h}")
+        if w * h > limits.max_pixels:
+            raise ImageError("too_large", f"{w}x{h} = {w * h} pixels, over the cap of {limits.max_pixels}")
+        if max(w, h) > limits.max_aspect_ratio * min(w, h):
+            raise ImageError("extreme_aspect", f"{w}x{h}: aspect ratio over {limits.max_aspect_ratio:g}")
+        try:
+            img.seek(0)                  # animations: the first frame
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
+            raise ImageError("too_large", f"{type(e).__name__}: {e}") from None
+        except OSError as e:
+            status = "truncated" if "truncat" in str(e).lower() else "corrupt"
+            raise ImageError(status, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - decoder errors on hostile data take many shapes
+            raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block should not lose a good image
+        log.debug("%s: EXIF orientation ignored (%s)", path, e)
+    try:
+        return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("corrupt", f"cannot convert {img.mode} to RGB: {e}") from None
+
+
+class Preprocessor:
+    """Cheap to build and picklable (paths and numbers only); setup() loads the tokenizer and
+    the processor, so each worker process builds its own."""
+
+    def __init__(self, model_dir: str, question: str, template: str | None, limits: ImageLimits):
+        self.model_dir = str(model_dir)
+        self.question = question
+        self.template = template
+        self.limits = limits
+        self.processor = None
+        self.prompts = None
+
+    def setup(self) -> "Preprocessor":
+        from models.registry import load_frontend
+
+        Image.MAX_IMAGE_PIXELS = self.limits.max_pixels    # Pillow's own guard, in every worker
+        self.processor, self.prompts = load_frontend(self.model_dir)
+        if self.template is not None:
+            self.prompts = with_template(self.prompts, self.template)
+        return self
+
+    def __call__(self, ref: ImageRef) -> ImageInputs | Failed:
+        if self.processor is None:
+            self.setup()
+        t0 = time.perf_counter()
+        try:
+            img = open_image(ref.resolved, self.limits)
+        except ImageError as e:
+            return Failed(ref, "preprocess", e.status, str(e))
+        try:
+            pixels = self.processor(img)
+            plan = self.prompts.build(self.question, pixels)
+        except Exception as e:  # noqa: BLE001 - a per-image failure is a row
+            return Failed(ref, "preprocess", "preprocess_error", f"{type(e).__name__}: {e}")
+        return ImageInputs(ref=ref, pixels=pixels, plan=plan, width=img.size[0], height=img.size[1],
+                           seconds=time.perf_counter() - t0)
+
+
+def with_template(prompts, template: str):
+    """The prompt builder with a preset's template instead of the family default."""
+    import copy
+
+    if not hasattr(prompts, "template"):
+        raise ValueError(f"{type(prompts).__name__} takes no custom template")
+    out = copy.copy(prompts)
+    out.template = template
+    return out
+
