@@ -1,0 +1,254 @@
+"""`pipeline bench`: throughput measured the way the NPU examples do, plus honest ratios.
+
+NPU-example method: one image replicated to batch b (b = 1..10), 256 new tokens with EOS ignored,
+per batch: first-token time, per-token time, response time, E2E throughput = b*256/time, and
+images/s, each the median of several repeats. Timed end to end: image load + preprocess, vision,
+prefill, decode. Added here:
+- pure decode throughput at larger batches (prefill excluded), and prefill tokens/s,
+- the machine's roofline (measured bandwidth and bf16 GEMM rate) and ours/floor ratios,
+- optionally the reference-style baseline (jobs/bench_baseline.py) in the same run: ours/baseline.
+Results: benchmarks/results/<family>-<stamp>.csv (+ .json summary).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from jobs import roofline
+from models.base import LoadedModel
+from models.random_checkpoint import write_random_checkpoint
+from models.registry import load_model
+from pipeline import device as dev
+from pipeline.config import DecodeConfig
+from pipeline.records import ImageInputs, ImageRef
+from stages.caption.engine import CaptionEngine, EngineOptions
+from stages.encode import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    image: str
+    model_dir: str | None = None
+    random_weights: str | None = None          # "bunny" | "minicpmv2": write/reuse a random checkpoint
+    random_dir: str = "~/.cache/vlm-caption-pipeline/random"
+    batch_sizes: tuple[int, ...] = tuple(range(1, 11))
+    decode_batch_sizes: tuple[int, ...] = ()   # extra, larger batches for decode-only throughput
+    max_new_tokens: int = 256
+    question: str = "Describe this image in detail."
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    repeats: int = 3
+    baseline: bool = False
+    out_dir: str = "benchmarks/results"
+
+
+@dataclass
+class Row:
+    mode: str                  # "ours" | "baseline" | "decode-only"
+    batch: int
+    input_len: int
+    output_len: int
+    first_token_ms: float
+    per_token_ms: float
+    response_s: float
+    e2e_tokens_per_s: float
+    images_per_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    peak_rss_gib: float
+
+
+@dataclass
+class Summary:
+    family: str
+    device: str
+    dtype: str
+    machine: dict
+    rows: list[Row] = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
+    floors: dict = field(default_factory=dict)
+
+
+def _inputs(loaded: LoadedModel, image: Image.Image, path: str, b: int, question: str) -> list[ImageInputs]:
+    """b copies of the image, each preprocessed and tokenized (timed as the pipeline would)."""
+    out = []
+    for i in range(b):
+        t0 = time.perf_counter()
+        px = loaded.processor(image)
+        plan = loaded.prompts.build(question, px)
+        out.append(ImageInputs(ImageRef(f"{i}", path, path, 0, i), px, plan, image.size[0], image.size[1],
+                               time.perf_counter() - t0))
+    return out
+
+
+def _vision_flops(loaded: LoadedModel, inputs: ImageInputs) -> int:
+    m = loaded.model
+    c = m.vision.cfg
+    total = 0
+    for h, w in inputs.pixels.shapes:
+        n = (h // c.patch) * (w // c.patch)
+        total += roofline.vit_flops(c, n)
+        # connector: Bunny's 2-layer MLP on every token; MiniCPM's resampler kv projection
+        # dominates its cost (the 64-query attention and output projections are small)
+        conn = m.projector if hasattr(m, "projector") else None
+        if conn is not None:
+            total += 2 * n * sum(p.numel() for p in conn.parameters() if p.dim() == 2)
+        else:
+            total += 2 * n * c.width * m.llm.cfg.hidden_size
+    return total
+
+
+def _median_row(rows: list[Row]) -> Row:
+    med = {k: statistics.median(getattr(r, k) for r in rows) for k in asdict(rows[0]) if k not in ("mode",)}
+    med["batch"], med["input_len"], med["output_len"] = rows[0].batch, rows[0].input_len, rows[0].output_len
+    return Row(mode=rows[0].mode, **med)
+
+
+def run_once(loaded: LoadedModel, image: Image.Image, path: str, b: int, cfg: BenchConfig) -> Row:
+    t0 = time.perf_counter()
+    inputs = _inputs(loaded, image, path, b, cfg.question)
+    feats = VisionEncoder(loaded)(inputs)
+    t_vision = time.perf_counter()
+    eng = CaptionEngine(loaded, DecodeConfig(max_new_tokens=cfg.max_new_tokens, ignore_eos=True),
+                        EngineOptions(max_batch_size=b, max_prefill_batch=b))
+    caps = list(eng.run(feats))
+    dev.synchronize(loaded.device)
+    total = time.perf_counter() - t0
+    n_new = caps[0].n_new
+    steps = max(1, eng.stats.decode_steps)
+    return Row(mode="ours", batch=b, input_len=caps[0].n_prompt, output_len=n_new,
+               first_token_ms=1e3 * (t_vision - t0 + eng.stats.prefill_s),
+               per_token_ms=1e3 * eng.stats.decode_s / steps, response_s=total,
+               e2e_tokens_per_s=b * n_new / total, images_per_s=b / total,
+               prefill_tokens_per_s=eng.stats.prompt_tokens / max(eng.stats.prefill_s, 1e-9),
+               decode_tokens_per_s=(eng.stats.new_tokens - b) / max(eng.stats.decode_s, 1e-9),
+               peak_rss_gib=dev.peak_rss_bytes() / 2**30)
+
+
+def decode_only(loaded: LoadedModel, image: Image.Image, path: str, b: int, cfg: BenchConfig) -> Row:
+    """Decode throughput at batch b: one image's embeddings replicated (vision runs once)."""
+    feats = VisionEncoder(loaded)(_inputs(loaded, image, path, 1, cfg.question))
+    f = feats[0]
+    reps = [type(f)(ref=ImageRef(str(i), path, path, 0, i), prompt_embeds=f.prompt_embeds, width=f.width,
+                    height=f.height, preprocess_s=0.0, encode_s=0.0) for i in range(b)]
+    eng = CaptionEngine(loaded, DecodeConfig(max_new_tokens=cfg.max_new_tokens, ignore_eos=True),
+                        EngineOptions(max_batch_size=b, max_prefill_batch=4))
+    t0 = time.perf_counter()
+    caps = list(eng.run(reps))
+    total = time.perf_counter() - t0
+    steps = max(1, eng.stats.decode_steps)
+    return Row(mode="decode-only", batch=b, input_len=caps[0].n_prompt, output_len=caps[0].n_new,
+               first_token_ms=float("nan"), per_token_ms=1e3 * eng.stats.decode_s / steps, response_s=total,
+               e2e_tokens_per_s=b * caps[0].n_new / total, images_per_s=b / total,
+               prefill_tokens_per_s=eng.stats.prompt_tokens / max(eng.stats.prefill_s, 1e-9),
+               decode_tokens_per_s=(eng.stats.new_tokens - b) / max(eng.stats.decode_s, 1e-9),
+               peak_rss_gib=dev.peak_rss_bytes() / 2**30)
+
+
+def run_baseline(loaded: LoadedModel, image: Image.Image, path: str, cfg: BenchConfig) -> Row:
+    from jobs.bench_baseline import Baseline
+
+    base = Baseline(loaded)
+    runs = []
+    for _ in range(max(1, min(cfg.repeats, 2))):   # it is slow: at most two repeats
+        t0 = time.perf_counter()
+        px = loaded.processor(image)
+        r = base.caption(px, cfg.question, cfg.max_new_tokens)
+        total = time.perf_counter() - t0
+        n_prompt = len(loaded.prompts.build(cfg.question, px).ids)
+        runs.append(Row(mode="baseline", batch=1, input_len=n_prompt, output_len=r.new_tokens,
+                        first_token_ms=1e3 * r.first_token_s,
+                        per_token_ms=1e3 * (r.seconds - r.first_token_s) / max(1, r.new_tokens - 1),
+                        response_s=total, e2e_tokens_per_s=r.new_tokens / total, images_per_s=1 / total,
+                        prefill_tokens_per_s=float("nan"),
+                        decode_tokens_per_s=(r.new_tokens - 1) / max(r.seconds - r.first_token_s, 1e-9),
+                        peak_rss_gib=dev.peak_rss_bytes() / 2**30))
+    del base
+    return _median_row(runs)
+
+
+def run(cfg: BenchConfig) -> Summary:
+    device = dev.resolve_device(cfg.device)
+    dev.set_threads(cfg.threads)
+    dtype = dev.resolve_dtype(cfg.dtype, device)
+    model_dir = cfg.model_dir
+    if cfg.random_weights:
+        model_dir = str(write_random_checkpoint(cfg.random_weights,
+                                                Path(cfg.random_dir).expanduser() / cfg.random_weights))
+    if not model_dir:
+        raise ValueError("give --model DIR or --random-weights bunny|minicpmv2")
+    t0 = time.perf_counter()
+    loaded = load_model(model_dir, dtype, device, pack_linears=dev.prefers_packed_linear(device, dtype))
+    log.info("model loaded in %.1f s on %s (%s)", time.perf_counter() - t0, dev.describe(device), dtype)
+    image = Image.open(cfg.image).convert("RGB")
+    machine = roofline.measure_machine(dtype) if device.type == "cpu" else roofline.Machine(float("nan"), float("nan"))
+    s = Summary(family=loaded.family, device=dev.describe(device), dtype=str(dtype).removeprefix("torch."),
+                machine=asdict(machine))
+    run_once(loaded, image, cfg.image, 1, BenchConfig(**{**asdict(cfg), "max_new_tokens": 4}))   # warm-up
+    for b in cfg.batch_sizes:
+        rows = [run_once(loaded, image, cfg.image, b, cfg) for _ in range(cfg.repeats)]
+        s.rows.append(_median_row(rows))
+        log.info("batch %d: %.3f images/s, %.1f ms/token", b, s.rows[-1].images_per_s, s.rows[-1].per_token_ms)
+    for b in cfg.decode_batch_sizes:
+        s.rows.append(decode_only(loaded, image, cfg.image, b, cfg))
+        log.info("decode-only batch %d: %.1f tokens/s", b, s.rows[-1].decode_tokens_per_s)
+    _floors(s, loaded, image, cfg, dtype, machine)
+    if cfg.baseline:
+        s.rows.append(run_baseline(loaded, image, cfg.image, cfg))
+        base = s.rows[-1]
+        best = max((r for r in s.rows if r.mode == "ours"), key=lambda r: r.images_per_s)
+        s.ratios["images_per_s_ours_vs_baseline"] = best.images_per_s / base.images_per_s
+        one = next((r for r in s.rows if r.mode == "ours" and r.batch == 1), None)
+        if one:
+            s.ratios["batch1_per_token_baseline_vs_ours"] = base.per_token_ms / one.per_token_ms
+    _write(s, cfg)
+    return s
+
+
+def _floors(s: Summary, loaded: LoadedModel, image: Image.Image, cfg: BenchConfig, dtype, machine) -> None:
+    llm = loaded.model.llm.cfg
+    inp = _inputs(loaded, image, cfg.image, 1, cfg.question)[0]
+    n_prompt = len(inp.plan.ids)
+    flops = (_vision_flops(loaded, inp) + roofline.prefill_flops(llm, n_prompt)
+             + roofline.decode_flops(llm, n_prompt, cfg.max_new_tokens))
+    step_bytes = roofline.decode_step_bytes(llm, dtype, 1, n_prompt + cfg.max_new_tokens // 2)
+    s.floors = {"flops_per_image": flops, "compute_floor_s_per_image": flops / (machine.matmul_gflops * 1e9),
+                "decode_step_bytes_batch1": step_bytes,
+                "decode_step_floor_ms_batch1": 1e3 * step_bytes / (machine.bandwidth_gbs * 1e9)}
+    ours = [r for r in s.rows if r.mode == "ours"]
+    if ours:
+        best = max(ours, key=lambda r: r.images_per_s)
+        s.ratios["best_batch"] = best.batch
+        s.ratios["s_per_image_vs_compute_floor"] = (1 / best.images_per_s) / s.floors["compute_floor_s_per_image"]
+        one = next((r for r in ours if r.batch == 1), None)
+        if one:
+            s.ratios["batch1_step_vs_bandwidth_floor"] = one.per_token_ms / s.floors["decode_step_floor_ms_batch1"]
+            s.ratios["prefill_tokens_per_s_batch1"] = one.prefill_tokens_per_s
+    dec = [r for r in s.rows if r.batch >= 2]
+    if dec:
+        s.ratios["best_decode_tokens_per_s"] = max(r.decode_tokens_per_s for r in dec)
+
+
+def _write(s: Summary, cfg: BenchConfig) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{s.family}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(s.rows[0])))
+        w.writeheader()
+        for r in s.rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()})
+    stem.with_suffix(".json").write_text(json.dumps(asdict(s), indent=2, default=str))
+    log.info("results: %s.{csv,json}", stem)
