@@ -64,7 +64,7 @@ class RandomSpec:
 
 FAMILIES = {
     "bunny": RandomSpec("models.bunny", "BunnyConfig", "Bunny", BUNNY_CONFIG, "bunny-tiny", torch.float16),
-    "minicpmv2": RandomSpec("models.minicpmv2", "MiniCPMVConfig", "MiniCPMV", MINICPMV2_CONFIG, "minicpmv2-tiny",
+    "minicpmv2": RandomSpec("models.minicpmv2", "MiniCPMV2Config", "MiniCPMV2", MINICPMV2_CONFIG, "minicpmv2-tiny",
                             torch.bfloat16),
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model", "tokenizer_config.json",
