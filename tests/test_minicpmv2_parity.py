@@ -160,3 +160,22 @@ def test_encode_images_batches_equal_shapes_and_keeps_order(loaded, prepared, te
         want = torch.cat([tensors[f"{n}.slice{j}.resampler"] for j in range(len(CASES[n]["slices"]))])
         torch.testing.assert_close(f, want, **TOL)
     assert m.encode_images([]) == []
+
+
+def test_caption_engine_reproduces_the_golden_captions(loaded):
+    """Through the pipeline's engine (vision stage + continuous batching over the slot cache):
+    alone, in one padded batch, and with slot refill, every case gives the golden ids and text."""
+    from helpers import features_for
+    from pipeline.config import DecodeConfig
+    from stages.caption.engine import CaptionEngine, EngineOptions
+
+    files = [c["image_file"] for c in CASES.values()]
+    feats = features_for(loaded, ROOT, {}, files, QUESTION)
+    for opts in (dict(max_batch_size=1), dict(max_batch_size=8, max_prefill_batch=8, kv_bucket=1024),
+                 dict(max_batch_size=2, max_prefill_batch=2)):
+        engine = CaptionEngine(loaded, DecodeConfig(max_new_tokens=24), EngineOptions(**opts))
+        got = {c.ref.key: c for c in engine.run(feats)}
+        for case in CASES.values():
+            cap = got[case["image_file"]]
+            assert list(cap.token_ids) == case["generated_ids"], (opts, case["name"])
+            assert cap.text == case["answer"], (opts, case["name"])
