@@ -28,15 +28,20 @@ def _npu_available() -> bool:
     return bool(getattr(torch, "npu", None)) and torch.npu.is_available()
 
 
+def auto_spec() -> str:
+    """What 'auto' means here: an NPU if torch_npu sees one, else a CUDA GPU, else the CPU."""
+    if _npu_available():
+        return "npu:0"
+    if torch.cuda.is_available():
+        return "cuda:0"
+    return "cpu"
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda[:i]' | 'npu[:i]' -> torch.device, or a DeviceError with a hint."""
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
-        if _npu_available():
-            return torch.device("npu:0")
-        if torch.cuda.is_available():
-            return torch.device("cuda:0")
-        return torch.device("cpu")
+        spec = auto_spec()
     kind, _, idx = spec.partition(":")
     if idx and not idx.isdigit():
         raise DeviceError(f"bad device {spec!r}: use auto, cpu, cuda[:i] or npu[:i]")
