@@ -26,6 +26,8 @@ def test_auto_falls_back_to_cpu(no_accelerators):
 def test_auto_prefers_cuda_when_present(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dev.auto_spec() == "cuda:0"
     assert dev.resolve_device("auto") == torch.device("cuda:0")
 
 
