@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -89,10 +90,15 @@ def _io_error(path: Path, e: OSError) -> JobError:
     return JobError(f"output {path} {what} ({e.strerror or e}); fix the output folder and re-run the same command")
 
 
+def temp_name(path: Path) -> Path:
+    """A hidden sibling unique to this writer (pid + random: threads and array tasks never collide)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp) then fsync + rename over `path`; never creates missing folders (a vanished run
     dir is an error, not something to silently recreate)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -214,7 +220,7 @@ class Ledger:
         """Create run.json if absent; with array tasks starting together exactly one creation wins
         (link() fails if the name exists) and the others verify against the winner."""
         path = self.root / RUN_JSON
-        tmp = self.root / f".{RUN_JSON}.{os.getpid()}.tmp"
+        tmp = temp_name(path)
         try:
             tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
             with open(tmp, "rb") as f:
