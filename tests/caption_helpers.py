@@ -1,0 +1,86 @@
+"""Helpers for the end-to-end `pipeline caption` tests (tiny Bunny checkpoint, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.caption import run_caption
+from pipeline import array_task, jobfile
+from pipeline.ledger import Ledger
+from stages.write import read_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "tests" / "golden" / "bunny-tiny" / "checkpoint"
+SAMPLES = ROOT / "data" / "samples.txt"
+TIMING_COLUMNS = ("preprocess_s", "encode_s", "prefill_s", "decode_s")
+
+
+def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`pipeline ...` in a fresh interpreter (as cron would run it)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def caption(**opts) -> int:
+    """`pipeline caption` in this process (saves an interpreter start per call)."""
+    opts = {"model": str(CKPT), "max_new_tokens": 4, "workers": 0, "quiet": True, **opts}
+    opts = {k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}
+    part = array_task.resolve(opts.get("num_shards_total"), opts.get("shard_index"), {})
+    return run_caption(jobfile.to_run_config(opts, part))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+def rows(run_dir: Path, keep_timings: bool = False) -> list[dict]:
+    """The merged rows of a run, without the per-image timings (which vary run to run)."""
+    led = Ledger(run_dir)
+    led.read_run()
+    out = read_shards(led, led.markers()).to_pylist()
+    if not keep_timings:
+        for r in out:
+            for c in TIMING_COLUMNS:
+                r.pop(c)
+    return out
+
+
+def read_parquet_rows(path: Path) -> list[dict]:
+    out = pq.read_table(path).to_pylist()
+    for r in out:
+        for c in TIMING_COLUMNS:
+            r.pop(c)
+    return out
+
+
+def captions(run_dir: Path) -> dict[str, str]:
+    return json.loads((Path(run_dir) / "captions.json").read_text(encoding="utf-8"))
+
+
+def markers(run_dir: Path) -> dict[str, str]:
+    """{marker file name: its exact content}: unchanged content means the shard was not redone."""
+    return {p.name: p.read_text() for p in sorted((Path(run_dir) / "shards").glob("*.done.json"))}
+
+
+def synthetic_corpus(folder: Path, n: int, seed: int = 0) -> Path:
+    """n small random images of varied sizes and formats, and a manifest listing them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        w, h = (int(x) for x in rng.integers(24, 160, 2))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        name = f"img{i:03d}.{'png' if i % 3 else 'jpg'}"
+        img.save(folder / name, quality=90) if name.endswith("jpg") else img.save(folder / name)
+        lines.append(name)
+    manifest = folder / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
