@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +88,21 @@ def synthetic_corpus(folder: Path, n: int, seed: int = 0) -> Path:
     manifest = folder / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+# -- one 44-image corpus + its uninterrupted run, shared by the crash and array-job tests -------------
+# float32: the exact-equality checks compare runs whose batches were composed differently.
+CORPUS_ARGS = ("--max-new-tokens", "4", "--shard-size", "4", "--dtype", "float32", "--quiet")
+CORPUS_SIZE = 44
+
+
+@functools.cache
+def reference_run() -> tuple[Path, Path]:
+    """(manifest, run dir) of an uninterrupted in-process run over the shared corpus."""
+    root = Path(tempfile.mkdtemp(prefix="caption-corpus-"))
+    atexit.register(shutil.rmtree, root, True)
+    manifest = synthetic_corpus(root / "images", CORPUS_SIZE)
+    out = root / "reference"
+    code = caption(manifest=manifest, out=out, max_new_tokens=4, shard_size=4, dtype="float32")
+    assert code == 0
+    return manifest, out
