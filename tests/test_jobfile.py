@@ -77,3 +77,19 @@ def test_array_slice_from_flags_and_env():
         array_task.resolve(3, None, {})
     s = ArraySlice(1, 3)
     assert [k for k in range(9) if s.owns(k)] == [1, 4, 7]
+
+
+def test_shipped_example_job_files_are_valid():
+    from pathlib import Path
+
+    from models.presets import PRESETS
+
+    folder = Path(__file__).resolve().parents[1] / "jobs" / "examples"
+    files = sorted(folder.glob("*.toml"))
+    assert {f.name for f in files} >= {"samples.toml", "coco100-bunny.toml", "coco100-minicpmv2.toml",
+                                       "mindie-precision-bunny.toml", "mindie-precision-minicpmv2.toml"}
+    for f in files:
+        cfg = to_run_config(read_jobfile(f), ArraySlice(), str(f))
+        assert cfg.prompt_preset is None or cfg.prompt_preset in PRESETS
+    samples = to_run_config(read_jobfile(folder / "samples.toml"), ArraySlice())
+    assert Path(samples.manifest).is_file() and (Path(samples.model) / "config.json").is_file()
