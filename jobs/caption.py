@@ -15,9 +15,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import fingerprint as fp
 from pipeline.config import DEFAULT_PROMPT, RunConfig
-from pipeline.device import DeviceError, cpu_count, describe, resolve_device, resolve_dtype, set_threads
+from pipeline.device import (DeviceError, cpu_count, describe, prefers_packed_linear, resolve_device, resolve_dtype,
+                             set_threads)
 from pipeline.errors import EXIT_INFRA, JobError
-from pipeline.ledger import Layout, Ledger, ShardMarker
+from pipeline.ledger import CAPTIONS_JSON, Layout, Ledger, ShardMarker
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.progress import Progress, add_log_file
 from pipeline.records import Failed
@@ -89,6 +90,19 @@ def plan_work(cfg: RunConfig, manifest: Manifest, ledger: Ledger) -> list[ShardW
     return work
 
 
+def claim_shard(ledger: Ledger, w: ShardWork):
+    """Lock the shard and re-check it is still to do; None = skip it (another process has it or did it)."""
+    lock = ledger.try_lock(w.shard)
+    if lock is None:
+        log.info("shard %d is being worked on by another process; skipping it", w.shard)
+        return None
+    m = ledger.marker(w.shard)
+    if m is not None and m.attempt >= w.attempt:      # committed meanwhile by another process
+        lock.release()
+        return None
+    return lock
+
+
 def _config_record(cfg: RunConfig, prompt: Prompt, device: str, dtype: str) -> dict:
     d = asdict(cfg)
     d["resolved"] = {"question": prompt.question, "template": prompt.template, "device": device, "dtype": dtype}
@@ -96,14 +110,16 @@ def _config_record(cfg: RunConfig, prompt: Prompt, device: str, dtype: str) -> d
 
 
 def run_caption(cfg: RunConfig) -> int:
-    if cfg.engine == "ray":
-        raise JobError("--engine ray is not available yet; use --engine local (the default)")
     manifest = read_manifest(cfg.manifest)
     family = model_family(cfg.model)
     prompt = resolve_prompt(cfg, family)
     try:
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        if cfg.engine == "ray":         # the models run on the cluster's workers: resolve there
+            from jobs.caption_ray import resolve_on_cluster
+            device, dtype = resolve_on_cluster(cfg)
+        else:
+            device = resolve_device(cfg.device)
+            dtype = resolve_dtype(cfg.dtype, device)
     except DeviceError as e:
         raise JobError(str(e)) from None
     pre = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
@@ -117,6 +133,9 @@ def run_caption(cfg: RunConfig) -> int:
     ledger.open(finger, layout, _config_record(cfg, prompt, str(device), dtype_name), cfg.overwrite, cfg.array)
     handler = add_log_file(ledger.logs, "caption")
     try:
+        if cfg.engine == "ray":
+            from jobs.caption_ray import run_ray
+            return run_ray(cfg, manifest, ledger, device, dtype, prompt)
         return _run(cfg, manifest, ledger, pre, front, device, dtype, prompt)
     finally:
         if handler is not None:
@@ -153,7 +172,7 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
 
     set_threads(cfg.threads)
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, dtype, device)
+    loaded = load_model(cfg.model, dtype, device, pack_linears=prefers_packed_linear(device, dtype))
     log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
              str(dtype).removeprefix("torch."), time.perf_counter() - t0)
     writer = ShardWriter(ledger, OutputSchema(manifest.extra_types, loaded.name, ledger.fingerprint))
@@ -163,15 +182,7 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
     done_before = len(ledger.markers())
 
     def claim(w: ShardWork):
-        lock = ledger.try_lock(w.shard)
-        if lock is None:
-            log.info("shard %d is being worked on by another process; skipping it", w.shard)
-            return None
-        m = ledger.marker(w.shard)
-        if m is not None and m.attempt >= w.attempt:      # committed meanwhile by another process
-            lock.release()
-            return None
-        return lock
+        return claim_shard(ledger, w)
 
     def commit(w: ShardWork, records, started: float) -> None:
         nonlocal done_before
@@ -237,8 +248,14 @@ def finish(ledger: Ledger) -> bool:
     if len(markers) < n:
         log.info("%d of %d shards committed; captions.json is written when all are", len(markers), n)
         return False
+    path = ledger.root / CAPTIONS_JSON
+    newest = max(ledger.marker_path(s).stat().st_mtime_ns for s in markers)
+    if path.exists() and path.stat().st_mtime_ns > newest:
+        # a no-op re-run (hourly cron on a finished run) must not re-read millions of rows
+        log.info("run complete; %s is up to date", path)
+        return True
     captions = captions_mapping(read_shards(ledger, markers))
-    path = ledger.write_captions(captions)
+    ledger.write_captions(captions)
     log.info("run complete: %d captions in %s", len(captions), path)
     return True
 
