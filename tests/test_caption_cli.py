@@ -26,9 +26,11 @@ SIZES = {"samples/camera.png": (512, 512), "samples/chelsea.png": (451, 300), "s
 
 @pytest.fixture(scope="module")
 def samples_run(tmp_path_factory):
-    """The samples run through the real CLI with worker processes, as a user would start it."""
+    """The samples run through the real CLI with worker processes, as a user would start it.
+    float32: bf16 captions of the random tiny model can flip late tokens with the batch
+    composition (which depends on timing), and one test below compares with a batch of one."""
     out = tmp_path_factory.mktemp("samples") / "run"
-    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out),
+    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out), "--dtype", "float32",
             "--max-new-tokens", "6", "--shard-size", "2", "--workers", "2", "--quiet")
     assert r.returncode == 0, r.stderr
     return out, r.stderr
@@ -59,7 +61,6 @@ def test_pipeline_equals_stages_called_directly(samples_run):
     """The pipeline adds nothing to a caption: same text as preprocess -> encode -> engine by hand."""
     from models.registry import load_model
     from pipeline.config import DecodeConfig, ImageLimits
-    from pipeline.device import resolve_dtype
     from pipeline.manifest import read_manifest
     from stages.caption.engine import CaptionEngine, EngineOptions
     from stages.encode import VisionEncoder
@@ -68,7 +69,7 @@ def test_pipeline_equals_stages_called_directly(samples_run):
     out, _ = samples_run
     ref = read_manifest(SAMPLES).ref(1, 0)                     # chelsea
     pre = Preprocessor(str(CKPT), "Describe this image in detail.", None, ImageLimits()).setup()
-    loaded = load_model(CKPT, resolve_dtype("auto", torch.device("cpu")), torch.device("cpu"))
+    loaded = load_model(CKPT, torch.float32, torch.device("cpu"))
     feats = VisionEncoder(loaded)([pre(ref)])
     cap = next(CaptionEngine(loaded, DecodeConfig(max_new_tokens=6), EngineOptions(max_batch_size=1)).run(feats))
     assert captions(out)[ref.path] == cap.text
@@ -102,7 +103,7 @@ def test_rerun_is_a_noop(samples_run):
     out, _ = samples_run
     before = markers(out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
-    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out),
+    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out), "--dtype", "float32",
             "--max-new-tokens", "6", "--shard-size", "2", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "this process: 0 shard(s) to do" in r.stderr and "loaded" not in r.stderr   # no model load
@@ -115,7 +116,7 @@ def test_changed_prompt_refused_then_overwrite(samples_run, tmp_path):
     src, _ = samples_run
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out),
+    r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out), "--dtype", "float32",
             "--max-new-tokens", "6", "--shard-size", "2", "--prompt", "What is this?")
     assert r.returncode == 2
     errs = error_lines(r.stderr)
@@ -123,7 +124,7 @@ def test_changed_prompt_refused_then_overwrite(samples_run, tmp_path):
     assert "--overwrite" in errs[0] and "Traceback" not in r.stderr
     assert markers(out) == markers(src)                       # nothing touched
     r = cli("caption", "--manifest", str(SAMPLES), "--model", str(CKPT), "--out", str(out), "--max-new-tokens", "6",
-            "--shard-size", "2", "--prompt", "What is this?", "--overwrite", "--workers", "0")
+            "--dtype", "float32", "--shard-size", "2", "--prompt", "What is this?", "--overwrite", "--workers", "0")
     assert r.returncode == 0, r.stderr
     new = json.loads((out / "run.json").read_text())
     assert new["fingerprint_parts"]["question"] == "What is this?"
@@ -193,8 +194,8 @@ def test_prompt_preset(tmp_path):
 def test_usage_errors_are_one_line(tmp_path):
     (tmp_path / "m.txt").write_text("a.jpg\n")
     r = cli("caption", "--manifest", str(tmp_path / "m.txt"), "--model", str(CKPT), "--out", str(tmp_path / "o"),
-            "--engine", "ray")
-    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "--engine ray is not available yet" in r.stderr
+            "--engine", "spark")
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "--engine must be local or ray" in r.stderr
     r = cli("caption", "--manifest", str(tmp_path / "nope.txt"), "--model", str(CKPT), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "manifest" in error_lines(r.stderr)[0] and "Traceback" not in r.stderr
     (tmp_path / "file").write_text("")
