@@ -20,6 +20,7 @@ Failed record with a short status:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import time
@@ -75,21 +76,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def open_image(path: str, limits: ImageLimits) -> Image.Image:
     """Decode an untrusted image file to RGB within the limits, or raise ImageError."""
     try:
-        st = os.stat(path)
+        # O_NONBLOCK: opening a FIFO must not block; the type is then checked on the open file
+        # itself (fstat), so a path swapped after a check cannot slip a FIFO or device through
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         raise ImageError("missing", f"no such file: {path}") from None
     except PermissionError as e:
         raise ImageError("unreadable", f"permission denied: {e.filename}") from None
+    except IsADirectoryError:
+        raise ImageError("not_a_file", "a folder, not a file") from None
     except (OSError, ValueError) as e:   # ValueError: NUL in the path
-        raise ImageError("unreadable", f"cannot stat: {e}") from None
-    if not stat.S_ISREG(st.st_mode):     # never open a FIFO (it would block) or a device
+        raise ImageError("unreadable", f"cannot open: {e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         raise ImageError("not_a_file", "not a regular file")
     if st.st_size == 0:
+        os.close(fd)
         raise ImageError("not_an_image", "empty file")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ImageError("unreadable", f"cannot open: {e.strerror or e}") from None
+    f = os.fdopen(fd, "rb")
     with f, warnings.catch_warnings():
         # Pillow warns between MAX_IMAGE_PIXELS and twice that; make that an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -130,6 +135,21 @@ def open_image(path: str, limits: ImageLimits) -> Image.Image:
         raise ImageError("corrupt", f"cannot convert {img.mode} to RGB: {e}") from None
 
 
+def bound_side(img: Image.Image, limits: ImageLimits) -> Image.Image:
+    """Shrink (keeping the aspect ratio) so the longer side is at most sqrt(max_pixels).
+
+    Processors may pad to a square before resizing (Bunny does, like its reference), which
+    allocates longer_side^2 pixels: a 50:1 panorama under the pixel cap would still need a
+    canvas of gigabytes. Models see 384-448 px crops, so only images over ~10k px per side are
+    touched, and for them the result differs from the reference's only by resampling detail.
+    """
+    side = math.isqrt(limits.max_pixels)
+    w, h = img.size
+    if max(w, h) <= side:
+        return img
+    return ImageOps.contain(img, (side, side), Image.Resampling.BICUBIC)
+
+
 class Preprocessor:
     """Cheap to build and picklable (paths and numbers only); setup() loads the tokenizer and
     the processor, so each worker process builds its own."""
@@ -160,7 +180,7 @@ class Preprocessor:
         except ImageError as e:
             return Failed(ref, "preprocess", e.status, str(e))
         try:
-            pixels = self.processor(img)
+            pixels = self.processor(bound_side(img, self.limits))
             plan = self.prompts.build(self.question, pixels)
         except Exception as e:  # noqa: BLE001 - a per-image failure is a row
             return Failed(ref, "preprocess", "preprocess_error", f"{type(e).__name__}: {e}")

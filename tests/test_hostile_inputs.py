@@ -165,3 +165,23 @@ def test_conversions_keep_content(tmp_path):
     with pytest.raises(ImageError) as e:
         open_image(str(tmp_path / "g.png"), ImageLimits(max_pixels=99))
     assert e.value.status == "too_large"
+
+
+def test_long_side_bounded_before_the_processor(tmp_path):
+    """Bunny pads to a square before resizing: a wide image under the pixel cap must not make the
+    processor allocate longer_side^2 pixels. The row still reports the original size."""
+    from pipeline.records import ImageRef
+    from stages.preprocess import Preprocessor, bound_side
+
+    limits = ImageLimits(max_pixels=10**6)                      # longest side fed to a processor: 1000
+    assert bound_side(Image.new("RGB", (3000, 100)), limits).size == (1000, 33)
+    small = Image.new("RGB", (900, 80))
+    assert bound_side(small, limits) is small
+    Image.new("RGB", (3000, 100), (10, 200, 10)).save(tmp_path / "wide.png")
+    seen = []
+    pre = Preprocessor(str(CKPT), "Describe this image.", None, limits).setup()
+    real = pre.processor
+    pre.processor = lambda im: seen.append(im.size) or real(im)
+    rec = pre(ImageRef("wide.png", "wide.png", str(tmp_path / "wide.png")))
+    assert seen == [(1000, 33)] and (rec.width, rec.height) == (3000, 100)
+    assert tuple(rec.pixels.crops[0].shape) == (3, 384, 384)
