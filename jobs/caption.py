@@ -165,12 +165,24 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
     if not work:
         finish(ledger)
         return 0
+    set_threads(cfg.threads)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    # workers == 0: preprocess inline with the frontend already built in this process
+    pool = OrderedPool(pre if workers else _Ready(front), workers, ahead=max(2 * ENCODE_BATCH, 4 * workers),
+                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
+    pool.start()              # spawns now: the workers' start-up (imports, tokenizer) overlaps the model load
+    try:
+        return _stream(cfg, manifest, ledger, pool, work, device, dtype)
+    finally:
+        pool.close()
 
+
+def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPool, work: list[ShardWork],
+            device, dtype) -> int:
     from models.registry import load_model
     from stages.caption.engine import CaptionEngine, EngineOptions
     from stages.encode import VisionEncoder
 
-    set_threads(cfg.threads)
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, dtype, device, pack_linears=prefers_packed_linear(device, dtype))
     log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
@@ -178,7 +190,11 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
     writer = ShardWriter(ledger, OutputSchema(manifest.extra_types, loaded.name, ledger.fingerprint))
     encoder = VisionEncoder(loaded)
     options = EngineOptions(max_batch_size=cfg.max_batch_size, memory_budget_gib=cfg.memory_budget_gib)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    try:
+        pool.wait_ready()
+    except RuntimeError as e:
+        raise JobError(str(e), EXIT_INFRA) from None
+    n_shards = ledger.layout.n_shards
     done_before = len(ledger.markers())
 
     def claim(w: ShardWork):
@@ -192,18 +208,13 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
         log.info("shard %d committed (%d/%d done): %d rows, %d ok%s, %.1f s", w.shard, done_before, n_shards,
                  m.rows, m.status.get("ok", 0), f", failed: {failed}" if failed else "", m.timings["wall_s"])
 
-    # workers == 0: preprocess inline with the frontend already built in this process
-    pool = OrderedPool(pre if workers else _Ready(front), workers, ahead=max(2 * ENCODE_BATCH, 4 * workers),
-                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
     progress = Progress(sum(len(w.refs) for w in work), cfg.quiet)
     stages = Stages(pool=pool, encode=encoder, make_engine=lambda: CaptionEngine(loaded, cfg.decode, options),
                     claim=claim, release=lambda lock: lock.release(), commit=commit, progress=progress,
                     encode_batch=ENCODE_BATCH)
     try:
-        with logging_redirect_tqdm(), pool:
+        with logging_redirect_tqdm():
             summary = Runner(stages).run(work)
-    except RuntimeError as e:      # the pool could not start
-        raise JobError(str(e), EXIT_INFRA) from None
     finally:
         progress.close()
     log_summary(summary)

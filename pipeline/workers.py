@@ -43,9 +43,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init(factory: Setup) -> None:
+def _init(factory: Setup, parent: int) -> None:
     global _FN
     _die_with_parent()
+    if os.getppid() != parent:        # the parent died while this worker was still importing
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's business
     try:
         import torch
@@ -74,23 +76,31 @@ class OrderedPool:
         self._pool: cf.ProcessPoolExecutor | None = None
         self._inline: Callable[[Any], Any] | None = None
         self._pending: deque[tuple[Any, cf.Future]] = deque()
+        self._ping: cf.Future | None = None
 
     def start(self) -> "OrderedPool":
+        """Start the workers without waiting for them (their imports can overlap other set-up)."""
         if self.workers <= 0:
             self._inline = self.factory.setup()
             return self
         self._new_pool()
+        self._ping = self._pool.submit(_ping)
+        return self
+
+    def wait_ready(self) -> None:
+        """Block until a worker has set up; a RuntimeError if they cannot (bad checkpoint, no memory)."""
+        if self._inline is not None:
+            return
         try:
-            self._pool.submit(_ping).result()
+            self._ping.result()
         except BrokenProcessPool as e:
             raise RuntimeError(f"preprocessing workers could not start ({e}); see the worker traceback above") from None
-        return self
 
     def _new_pool(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init, initargs=(self.factory,))
+                                            initializer=_init, initargs=(self.factory, os.getpid()))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -98,7 +108,8 @@ class OrderedPool:
             self._pool = None
 
     def __enter__(self) -> "OrderedPool":
-        return self.start()
+        self.start().wait_ready()
+        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -63,7 +63,7 @@ def _kill_at_random_point(cmd, out: Path, rng: random.Random, whole_group: bool,
         os.kill(p.pid, signal.SIGKILL)
     p.wait()
     # the workers die with the main process (PR_SET_PDEATHSIG): nothing of the job is left running
-    for _ in range(100):
+    for _ in range(300):                      # a worker may still be importing torch: allow 15 s
         if not _session_alive(p.pid):
             break
         time.sleep(0.05)
