@@ -5,7 +5,6 @@ from __future__ import annotations
 # Exit codes of `pipeline caption` (docs/CLI.md): 0 complete; these otherwise.
 EXIT_INFRA = 1      # a shard failed for infrastructure reasons (model, device, disk); re-run to retry
 EXIT_USAGE = 2      # bad arguments, unreadable manifest, output not writable, fingerprint mismatch
-EXIT_BUSY = 3       # another process holds every pending shard of this run
 
 
 class JobError(Exception):
