@@ -67,8 +67,9 @@ class RunConfig:
     overwrite: bool = False
     retry_failed: bool = False
     array: ArraySlice = ArraySlice()
-    engine: str = "local"                   # "local" | "ray" (ray: later)
-    ray_address: str | None = None
+    engine: str = "local"                   # "local" | "ray" (pipeline/distribute.py)
+    ray_address: str | None = None          # None: start a local Ray instance (or reuse this process's)
+    ray_actors: int | None = None           # model actors; None = as many as the cluster can hold
     threads: int | None = None
     quiet: bool = False
     workers: int | None = None              # preprocessing processes; None = from the core count, 0 = inline

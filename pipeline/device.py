@@ -141,3 +141,42 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# -- Ray (--engine ray): the cluster resource each device kind is scheduled by ----------------------
+# Ray counts CUDA GPUs as "GPU" (and sets CUDA_VISIBLE_DEVICES per actor) and Ascend NPUs as "NPU"
+# (its Ascend accelerator manager sets ASCEND_RT_VISIBLE_DEVICES), so inside an actor the device it
+# was given is always index 0 and the actor is handed the bare kind.
+RAY_RESOURCE = {"cuda": "GPU", "npu": "NPU"}
+
+
+def device_kind(spec: str) -> str | None:
+    """'cuda:1' -> 'cuda', 'cpu' -> 'cpu'; 'auto' -> None (decided by what the cluster has)."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return None
+    kind, _, idx = spec.partition(":")
+    if kind not in ("cpu", "cuda", "npu") or (idx and not idx.isdigit()) or (kind == "cpu" and idx):
+        raise DeviceError(f"bad device {spec!r}: use auto, cpu, cuda[:i] or npu[:i]")
+    return kind
+
+
+def cluster_device_kind(spec: str, resources: dict[str, float]) -> str:
+    """The device kind a Ray run uses, given the cluster's total resources ({"GPU": 8.0, ...}):
+    `auto` prefers NPUs, then GPUs, then CPUs, like auto_spec() on one machine."""
+    kind = device_kind(spec)
+    if kind is None:
+        return next((k for k in ("npu", "cuda") if resources.get(RAY_RESOURCE[k], 0) >= 1), "cpu")
+    if kind in RAY_RESOURCE and resources.get(RAY_RESOURCE[kind], 0) < 1:
+        raise DeviceError(f"device {spec!r} asked for, but the Ray cluster has no {RAY_RESOURCE[kind]} resource "
+                          f"(it has: {', '.join(sorted(k for k in resources if k.isupper() or k == 'CPU'))})")
+    return kind
+
+
+def ray_actor_options(kind: str, num_cpus: float) -> dict:
+    """ray.remote options for one model actor: one accelerator (whole, never shared) plus CPUs."""
+    if kind == "cpu":
+        return {"num_cpus": num_cpus}
+    if kind == "cuda":
+        return {"num_cpus": num_cpus, "num_gpus": 1}
+    return {"num_cpus": num_cpus, "resources": {RAY_RESOURCE[kind]: 1}}

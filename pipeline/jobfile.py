@@ -32,7 +32,7 @@ OPTIONS: dict[str, tuple[tuple[type, ...], bool]] = {
     "batch_size": ((int,), False), "memory_budget": ((int, float), False),
     "shard_size": ((int,), False), "overwrite": ((bool,), False), "retry_failed": ((bool,), False),
     "num_shards_total": ((int,), False), "shard_index": ((int,), False),
-    "engine": ((str,), False), "ray_address": ((str,), False),
+    "engine": ((str,), False), "ray_address": ((str,), False), "ray_actors": ((int,), False),
     "temperature": ((int, float), False), "top_p": ((int, float), False), "top_k": ((int,), False),
     "repetition_penalty": ((int, float), False), "seed": ((int,), False), "ignore_eos": ((bool,), False),
     "threads": ((int,), False), "quiet": ((bool,), False), "workers": ((int,), False),
@@ -96,7 +96,7 @@ def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | Non
     for need in ("manifest", "model", "out"):
         if not opts.get(need):
             raise JobError(f"--{need} is required (on the command line or in the --config job file)")
-    for name in ("max_new_tokens", "batch_size", "shard_size", "threads", "max_image_pixels"):
+    for name in ("max_new_tokens", "batch_size", "shard_size", "threads", "max_image_pixels", "ray_actors"):
         _positive(opts, name)
     if opts.get("workers") is not None and opts["workers"] < 0:
         raise JobError("--workers must be 0 (preprocess in the main process) or more")
@@ -121,6 +121,7 @@ def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | Non
                      max_batch_size=opts.get("batch_size"), memory_budget_gib=opts.get("memory_budget"),
                      shard_size=int(opts.get("shard_size") or DEFAULT_SHARD_SIZE),
                      overwrite=bool(opts.get("overwrite")), retry_failed=bool(opts.get("retry_failed")),
-                     array=part, engine=engine, ray_address=opts.get("ray_address"), threads=opts.get("threads"),
+                     array=part, engine=engine, ray_address=opts.get("ray_address"), ray_actors=opts.get("ray_actors"),
+                     threads=opts.get("threads"),
                      quiet=bool(opts.get("quiet")), workers=opts.get("workers"), limits=limits,
                      config_file=config_file)

@@ -1,0 +1,294 @@
+"""`pipeline caption --engine ray`: the local engine's shards, commits and run dir, with the model
+stages fanned out over Ray actors (pipeline/distribute.py).
+
+The driver (this process) does everything run_caption does before a model is needed: manifest,
+prompt, fingerprint, run.json, the pending shards. It never loads the model. Each actor loads the
+model once and runs whole shards through the local Runner and ShardWriter, so a shard is claimed
+(flock), written (temp file, fsync, rename) and marked done exactly as in a local run, by the
+process that captioned it. That is what makes the engines interchangeable on one run dir: a local
+run resumes a Ray run and a Ray run resumes a local one, with the same command.
+
+Every node must see the run dir, the model folder and the images at the same paths (shared storage;
+docs/SCALING.md); the actors check the first two and one image before they take work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from jobs.caption import ENCODE_BATCH, Prompt, claim_shard, finish, log_summary, plan_work
+from pipeline import distribute
+from pipeline import fingerprint as fp
+from pipeline.config import RunConfig
+from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind, prefers_packed_linear,
+                             ray_actor_options, resolve_device, resolve_dtype, set_threads)
+from pipeline.errors import EXIT_INFRA, JobError
+from pipeline.ledger import Ledger
+from pipeline.manifest import Manifest
+from pipeline.progress import Progress, add_log_file, setup_logging
+from pipeline.records import Failed
+from pipeline.runner import Runner, RunSummary, ShardWork, Stages
+from pipeline.schema import OutputSchema
+from pipeline.workers import OrderedPool
+from stages.preprocess import Preprocessor
+from stages.write import ShardWriter
+
+log = logging.getLogger(__name__)
+
+ACCEL_WORKERS = 2        # preprocessing processes per GPU/NPU actor without --workers (~30 img/s each)
+BUSY_RETRY_S = 2.0       # a shard locked by another process is offered again after this long...
+BUSY_RETRIES = 5         # ...this many times: a killed run's actors release their locks within a second
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    kind: str                   # cpu | cuda | npu
+    cpus: int                   # CPUs each actor reserves (torch threads too, on cpu)
+    workers: int                # preprocessing processes per actor
+    options: dict = field(hash=False)     # ray.remote options: the accelerator and the CPUs
+
+
+def plan_actors(cfg: RunConfig, kind: str, per_node: list[dict[str, float]]) -> ActorPlan:
+    """CPUs and preprocessing workers per actor. cpu: one actor per node by default (torch uses every
+    core it is given), --threads N for several smaller ones. GPU/NPU: one accelerator each plus
+    1 + workers CPUs, but never more than the CPU-per-accelerator ratio of the nodes, so a CPU
+    reservation can never leave an accelerator idle."""
+    if kind == "cpu":
+        cpus = cfg.threads or max(1, int(min((n.get("CPU", 0.0) for n in per_node if n.get("CPU", 0.0) >= 1),
+                                             default=1)))
+        workers = cfg.workers if cfg.workers is not None else max(1, min(8, cpus // 2))
+        return ActorPlan(kind, cpus, workers, ray_actor_options(kind, cpus))
+    workers = cfg.workers if cfg.workers is not None else ACCEL_WORKERS
+    accel = next(k for k in distribute.demand(ray_actor_options(kind, 1)) if k != "CPU")
+    ratios = [n.get("CPU", 0.0) / n[accel] for n in per_node if n.get(accel, 0.0) >= 1]
+    cpus = max(1, min(1 + workers, int(min(ratios, default=1))))
+    return ActorPlan(kind, cpus, workers, ray_actor_options(kind, cpus))
+
+
+def fitting_plan(cfg: RunConfig, kind: str, per_node: list[dict[str, float]]) -> tuple[ActorPlan, int]:
+    """The actor plan and how many such actors the cluster holds at once; none is an error (a task
+    asking for more than any node has would wait forever)."""
+    plan = plan_actors(cfg, kind, per_node)
+    need = distribute.demand(plan.options)
+    fits = distribute.capacity(per_node, need)
+    if fits == 0:
+        raise JobError(f"no Ray node can hold one model actor ({', '.join(f'{k} {v:g}' for k, v in need.items())}); "
+                       f"lower --threads or --workers, or add nodes")
+    return plan, fits
+
+
+@dataclass(frozen=True)
+class RemoteDevice:
+    """The actors' device as the driver records it (torch.device("npu") would need torch_npu here,
+    on what may be a CPU-only head node)."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def _probe(kind: str, dtype_spec: str) -> tuple[str, str]:
+    """On a worker like the actors': the device it gets and the dtype 'auto' means there."""
+    device = resolve_device(kind)
+    return str(device), str(resolve_dtype(dtype_spec, device)).removeprefix("torch.")
+
+
+def resolve_on_cluster(cfg: RunConfig) -> tuple[RemoteDevice, torch.dtype]:
+    """Join/start Ray and resolve --device/--dtype where the models will run (the driver may be a
+    CPU-only head node). Raises DeviceError like resolve_device() does."""
+    distribute.connect(cfg.ray_address)
+    per_node = distribute.nodes()
+    kind = cluster_device_kind(cfg.device, distribute.total(per_node))
+    if kind != "cpu" and device_kind(cfg.device) and ":" in cfg.device:
+        log.warning("--device %s: the index is ignored with --engine ray (each actor gets one whole device)",
+                    cfg.device)
+    plan, _ = fitting_plan(cfg, kind, per_node)
+    device, dtype = distribute.call_once(_probe, plan.options, kind, cfg.dtype)
+    log.info("ray: models run on %s as %s", kind, dtype)
+    dev_type, _, index = device.partition(":")
+    return RemoteDevice(dev_type, int(index) if index else None), DTYPES[dtype]
+
+
+class ShardWorker:
+    """One model on one device inside a Ray actor; runs whole shards through the local Runner."""
+
+    def __init__(self, cfg: RunConfig, prompt: Prompt, kind: str, dtype_name: str, extra_types: dict,
+                 plan: ActorPlan, sample_image: str | None):
+        from models.registry import load_model
+        from stages.caption.engine import CaptionEngine, EngineOptions
+        from stages.encode import VisionEncoder
+
+        setup_logging()
+        host = socket.gethostname()
+        self.ledger = Ledger(cfg.out)
+        try:
+            self.ledger.read_run()
+        except JobError as e:
+            raise JobError(f"on node {host}: {e}; the run dir must be on storage every Ray node mounts "
+                           f"at the same path") from None
+        add_log_file(self.ledger.logs, "caption-actor")
+        _check_same_inputs(cfg.model, self.ledger.run, sample_image, host)
+        device = resolve_device(kind)
+        dtype = resolve_dtype(dtype_name, device)
+        set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
+        t0 = time.perf_counter()
+        loaded = load_model(cfg.model, dtype, device, pack_linears=prefers_packed_linear(device, dtype))
+        self.where = (f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in "
+                      f"{time.perf_counter() - t0:.1f} s")
+        self.writer = ShardWriter(self.ledger, OutputSchema(extra_types, loaded.name, self.ledger.fingerprint))
+        self.encoder = VisionEncoder(loaded)
+        self.make_engine = partial(CaptionEngine, loaded, cfg.decode,
+                                   EngineOptions(max_batch_size=cfg.max_batch_size,
+                                                 memory_budget_gib=cfg.memory_budget_gib))
+        pre = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
+        # the pool lives as long as the actor (its processes are spawned once, not per shard) and is
+        # entered like the local engine's, so a pool that cannot start fails the actor's start
+        self._resources = ExitStack()
+        self.pool = self._resources.enter_context(
+            OrderedPool(pre, plan.workers, ahead=max(2 * ENCODE_BATCH, 4 * plan.workers),
+                        on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg)))
+
+    def process(self, work: ShardWork) -> RunSummary:
+        """Claim, caption and commit one shard: the local engine's code path, one shard per call."""
+        stages = Stages(pool=self.pool, encode=self.encoder, make_engine=self.make_engine,
+                        claim=partial(claim_shard, self.ledger), release=lambda lock: lock.release(),
+                        commit=self.writer.commit, progress=Progress(len(work.refs), quiet=True),
+                        encode_batch=ENCODE_BATCH)
+        return Runner(stages).run([work])
+
+
+def _check_same_inputs(model: str, run: dict, sample_image: str | None, host: str) -> None:
+    """A node that sees a different checkpoint (or none) at the model path, or not the images, would
+    write wrong or all-'missing' shards under this run's fingerprint: refuse to start instead."""
+    try:
+        files = fp.model_identity(model)
+    except OSError as e:
+        files = {"<error>": str(e)}
+    if files != run.get("fingerprint_parts", {}).get("model_files"):
+        raise JobError(f"on node {host}: the model folder {model} is missing or holds different files than "
+                       f"where the run was started; every node needs the same checkpoint at the same path")
+    if sample_image is not None and not os.path.exists(sample_image):
+        raise JobError(f"on node {host}: image {sample_image} is not there; every node needs the images at "
+                       f"the same paths (shared storage)")
+
+
+@dataclass
+class _Totals:
+    """RunSummary fields summed over the shards the actors report."""
+
+    committed: list[int] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    busy: list[int] = field(default_factory=list)
+    not_started: list[int] = field(default_factory=list)
+    images: int = 0
+    status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    new_tokens: int = 0
+    stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add(self, s: RunSummary) -> None:
+        self.committed += s.committed
+        self.failed += s.failed
+        self.not_started += s.not_started
+        self.images += s.images
+        self.new_tokens += s.new_tokens
+        for k, v in s.status.items():
+            self.status[k] += v
+        for k, v in s.stages.items():
+            self.stages[k] += v
+
+    def summary(self, wall_s: float, actors: int) -> RunSummary:
+        # stage seconds averaged over the actors, so log_summary's "model busy" share reads per actor
+        n = max(1, actors)
+        return RunSummary(committed=tuple(self.committed), failed=tuple(self.failed), busy=tuple(self.busy),
+                          not_started=tuple(self.not_started), images=self.images, status=dict(self.status),
+                          new_tokens=self.new_tokens, wall_s=wall_s,
+                          stages={k: v / n for k, v in self.stages.items()})
+
+
+def _sample_image(manifest: Manifest) -> str | None:
+    """An image the driver can see, for the actors to check that they see it too."""
+    for path in manifest.paths[:20]:
+        resolved = manifest.resolve(path)
+        if os.path.exists(resolved):
+            return resolved
+    return None
+
+
+def run_ray(cfg: RunConfig, manifest: Manifest, ledger: Ledger, device: RemoteDevice, dtype: torch.dtype,
+            prompt: Prompt) -> int:
+    ledger.remove_stale_temp(cfg.array)
+    work = plan_work(cfg, manifest, ledger)
+    n_shards = ledger.layout.n_shards
+    log.info("run %s: %d images in %d shards of %d; to do: %d shard(s)%s", ledger.root, len(manifest), n_shards,
+             cfg.shard_size, len(work), f" (array task {cfg.array.index}/{cfg.array.total})" if cfg.array.total > 1 else "")
+    if not work:
+        finish(ledger)
+        return 0
+    plan, fits = fitting_plan(cfg, device.type, distribute.nodes())
+    count = min(cfg.ray_actors or fits, len(work))
+    if cfg.ray_actors and cfg.ray_actors > fits:
+        log.warning("--ray-actors %d: the cluster holds %d at once now; the others start when resources free up",
+                    cfg.ray_actors, fits)
+    log.info("ray: %d actor(s), each one model on %s with %d CPU(s) and %d preprocessing worker(s)",
+             count, plan.kind, plan.cpus, plan.workers)
+
+    totals = _Totals()
+    busy_tries: dict[int, int] = defaultdict(int)
+    done = len(ledger.markers())
+    bar = tqdm(total=sum(len(w.refs) for w in work), desc="caption", unit="img", dynamic_ncols=True,
+               disable=True if cfg.quiet else None)
+
+    def on_result(w: ShardWork, s: RunSummary) -> float | None:
+        nonlocal done
+        totals.add(s)
+        bar.update(s.images)
+        if w.shard in s.committed:
+            done += 1 if w.attempt == 0 else 0
+            log.info("shard %d committed (%d/%d done): %d images, %s, %.1f s", w.shard, done, n_shards, s.images,
+                     ", ".join(f"{k} {v}" for k, v in sorted(s.status.items())), s.wall_s)
+        if w.shard not in s.busy:
+            return None
+        m = ledger.marker(w.shard)
+        if m is not None and m.attempt >= w.attempt:
+            return None                                    # committed meanwhile by another process
+        busy_tries[w.shard] += 1
+        if busy_tries[w.shard] <= BUSY_RETRIES:
+            log.info("shard %d is locked by another process (perhaps an actor of a killed run, exiting); "
+                     "offering it again in %.0f s", w.shard, BUSY_RETRY_S)
+            return BUSY_RETRY_S
+        totals.busy.append(w.shard)
+        return None
+
+    t0 = time.perf_counter()
+    args = (cfg, prompt, plan.kind, str(dtype).removeprefix("torch."), manifest.extra_types, plan,
+            _sample_image(manifest))
+    try:
+        with logging_redirect_tqdm():                      # log lines above the bar, not through it
+            report = distribute.run_pool(ShardWorker, args, plan.options, count, work, on_result)
+    finally:
+        bar.close()
+    totals.failed += [(w.shard, why) for w, why in report.lost]
+    summary = totals.summary(time.perf_counter() - t0, report.actors)
+    log_summary(summary)
+    complete = finish(ledger)
+    if summary.failed or summary.not_started:
+        shards = [s for s, _ in summary.failed] + list(summary.not_started)
+        log.error("%d shard(s) not committed (%s); re-run the same command to retry them",
+                  len(shards), ", ".join(map(str, shards[:10])) + (" ..." if len(shards) > 10 else ""))
+        return EXIT_INFRA
+    if not complete and summary.busy:
+        log.info("%d shard(s) are being captioned by other processes", len(summary.busy))
+    return 0
