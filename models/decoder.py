@@ -94,7 +94,7 @@ class Attention(nn.Module):
             return (xf * cos.float() + rotate_half(xf) * sin.float()).to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, slots, positions, kv_len):
+    def forward(self, x, cos, sin, step: "Step", layer: int):
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -103,32 +103,47 @@ class Attention(nn.Module):
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         gqa = cfg.n_heads != cfg.n_kv_heads
-        if cache is None or T > 1:
+        cache = step.cache
+        if step.mask is None:
             # Prefill (or no cache): causal attention over this chunk only; rows are right-padded
             # so a real token never sees a pad. Prefill always starts at position 0.
             if cache is not None:
                 kc, vc = cache.k[layer], cache.v[layer]
-                if slots is None:
-                    kc[:, :, :T] = k
-                    vc[:, :, :T] = v
+                if step.slots is None:
+                    kc[:B, :, :T] = k
+                    vc[:B, :, :T] = v
                 else:
-                    kc[slots, :, :T] = k
-                    vc[slots, :, :T] = v
+                    kc[step.slots, :, :T] = k
+                    vc[step.slots, :, :T] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             # Decode: one new token per row at its own position; attend to cache[:kv_len].
             kc, vc = cache.k[layer], cache.v[layer]
-            rows = torch.arange(B, device=x.device) if slots is None else slots
-            kc[rows, :, positions] = k[:, :, 0]
-            vc[rows, :, positions] = v[:, :, 0]
-            if slots is None:   # the first B slots: a view, no copy
-                kk, vv = kc[:B, :, :kv_len], vc[:B, :, :kv_len]
+            kc[step.rows, :, step.positions] = k[:, :, 0]
+            vc[step.rows, :, step.positions] = v[:, :, 0]
+            if step.slots is None:   # the first B slots: a view, no copy
+                kk, vv = kc[:B, :, :step.kv_len], vc[:B, :, :step.kv_len]
             else:
-                kk, vv = kc[slots, :, :kv_len], vc[slots, :, :kv_len]
-            mask = torch.arange(kv_len, device=x.device)[None, :] <= positions[:, None]   # [B, kv_len]
-            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None, :], enable_gqa=gqa)
+                kk, vv = kc[step.slots, :, :step.kv_len], vc[step.slots, :, :step.kv_len]
+            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=step.mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(B, T, self.q_size)
         return self.o(out)
+
+
+@dataclass
+class Step:
+    """What every layer needs to know about this forward, computed once per forward.
+
+    mask is None for prefill / no-cache (causal attention within the chunk); for a decode step it
+    is [B, 1, 1, kv_len], True where a row may attend (positions <= its own).
+    """
+
+    cache: KVCache | None
+    slots: torch.Tensor | None       # cache rows of the batch rows; None = rows 0..B-1
+    rows: torch.Tensor | None        # decode: the cache row index of each batch row
+    positions: torch.Tensor          # [B] position of the (last) token of each row
+    kv_len: int | None
+    mask: torch.Tensor | None
 
 
 class MLP(nn.Module):
@@ -152,8 +167,8 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
         self.residual_scale = cfg.residual_scale
 
-    def forward(self, x, cos, sin, cache, layer, slots, positions, kv_len):
-        a = self.attn(self.input_norm(x), cos, sin, cache, layer, slots, positions, kv_len)
+    def forward(self, x, cos, sin, step: Step, layer: int):
+        a = self.attn(self.input_norm(x), cos, sin, step, layer)
         if self.residual_scale != 1.0:
             a = a * self.residual_scale
         x = x + a
@@ -205,8 +220,16 @@ class Decoder(nn.Module):
         pos2d = positions if positions.dim() == 2 else positions[:, None]           # [B, T]
         cos, sin = cos_t[pos2d][:, None], sin_t[pos2d][:, None]                     # [B, 1, T, d]
         pos1d = positions if positions.dim() == 1 else positions[:, -1]
+        B, T = x.shape[:2]
+        decoding = cache is not None and T == 1
+        if decoding and kv_len is None:
+            raise ValueError("a cached decode step needs kv_len")
+        rows = (torch.arange(B, device=x.device) if slots is None else slots) if decoding else None
+        mask = ((torch.arange(kv_len, device=x.device)[None, :] <= pos1d[:, None])[:, None, None, :]
+                if decoding else None)                                              # [B, 1, 1, kv_len]
+        step = Step(cache, slots, rows, pos1d, kv_len, mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, pos1d, kv_len)
+            x = layer(x, cos, sin, step, i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ class CaptionEngine:
         positions = torch.arange(T, device=self.device).expand(len(group), T)
         slots = torch.tensor([s for s, _ in group], device=self.device)
         with torch.inference_mode():
-            hidden = self.llm(x, positions, self.cache, slots=slots)                       # [B, T, H]
+            hidden = self.llm(x, positions, self.cache, slots=slots, kv_len=T)             # [B, T, H]
             last = hidden[torch.arange(len(group)), torch.tensor(lengths) - 1]           # [B, H]
             toks = self._sample(self.llm.logits(last), [r for _, r in group])
         dt = time.perf_counter() - t0
