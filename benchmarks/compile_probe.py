@@ -54,7 +54,7 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     res: dict[str, dict[int, float]] = {}
     for mode in ("eager-plain", "eager-packed", "compiled"):
-        lm = load_model(path, torch.bfloat16, torch.device("cpu"), pack_linears=(mode == "eager-packed"))
+        lm = load_model(path, torch.bfloat16, torch.device("cpu"), cpu_kernels=(mode == "eager-packed"))
         llm = lm.model.llm
         if mode == "compiled":
             import torch._inductor.config as ic

@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import fingerprint as fp
 from pipeline.config import DEFAULT_PROMPT, RunConfig
-from pipeline.device import (DeviceError, cpu_count, describe, prefers_packed_linear, resolve_device, resolve_dtype,
+from pipeline.device import (DeviceError, cpu_count, describe, prefers_cpu_kernels, resolve_device, resolve_dtype,
                              set_threads)
 from pipeline.errors import EXIT_INFRA, JobError
 from pipeline.ledger import CAPTIONS_JSON, Layout, Ledger, ShardMarker
@@ -184,7 +184,7 @@ def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPoo
     from stages.encode import VisionEncoder
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, dtype, device, pack_linears=prefers_packed_linear(device, dtype))
+    loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
     log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
              str(dtype).removeprefix("torch."), time.perf_counter() - t0)
     writer = ShardWriter(ledger, OutputSchema(manifest.extra_types, loaded.name, ledger.fingerprint))

@@ -31,7 +31,7 @@ from jobs.caption import ENCODE_BATCH, Prompt, claim_shard, finish, log_summary,
 from pipeline import distribute
 from pipeline import fingerprint as fp
 from pipeline.config import RunConfig
-from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind, prefers_packed_linear,
+from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind, prefers_cpu_kernels,
                              ray_actor_options, resolve_device, resolve_dtype, set_threads)
 from pipeline.errors import EXIT_INFRA, JobError
 from pipeline.ledger import Ledger
@@ -145,7 +145,7 @@ class ShardWorker:
         dtype = resolve_dtype(dtype_name, device)
         set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
         t0 = time.perf_counter()
-        loaded = load_model(cfg.model, dtype, device, pack_linears=prefers_packed_linear(device, dtype))
+        loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
         self.where = (f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in "
                       f"{time.perf_counter() - t0:.1f} s")
         self.writer = ShardWriter(self.ledger, OutputSchema(extra_types, loaded.name, self.ledger.fingerprint))

@@ -121,11 +121,14 @@ class Attention(nn.Module):
             kc, vc = cache.k[layer], cache.v[layer]
             kc[step.rows, :, step.positions] = k[:, :, 0]
             vc[step.rows, :, step.positions] = v[:, :, 0]
-            if step.slots is None:   # the first B slots: a view, no copy
-                kk, vv = kc[:B, :, :step.kv_len], vc[:B, :, :step.kv_len]
+            if step.kernel is not None and step.slots is None and not gqa:
+                out = step.kernel(q, kc, vc, step.positions + 1, cfg.head_dim ** -0.5)     # [B, h, 1, d]
+            elif step.slots is None:   # the first B slots: a view, no copy
+                out = F.scaled_dot_product_attention(q, kc[:B, :, :step.kv_len], vc[:B, :, :step.kv_len],
+                                                     attn_mask=step.mask, enable_gqa=gqa)
             else:
-                kk, vv = kc[step.slots, :, :step.kv_len], vc[step.slots, :, :step.kv_len]
-            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=step.mask, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, kc[step.slots, :, :step.kv_len], vc[step.slots, :, :step.kv_len],
+                                                     attn_mask=step.mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(B, T, self.q_size)
         return self.o(out)
 
@@ -144,6 +147,7 @@ class Step:
     positions: torch.Tensor          # [B] position of the (last) token of each row
     kv_len: int | None
     mask: torch.Tensor | None
+    kernel: object = None            # decode attention kernel (q, k_cache, v_cache, lengths, scale)
 
 
 class MLP(nn.Module):
@@ -187,6 +191,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # optional fused decode attention (models/decode_attention.py), set by the loader when the
+        # device/dtype policy asks for it; None = SDPA
+        self.decode_attention = None
 
     # -- tables ---------------------------------------------------------------------------------
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +234,8 @@ class Decoder(nn.Module):
         rows = (torch.arange(B, device=x.device) if slots is None else slots) if decoding else None
         mask = ((torch.arange(kv_len, device=x.device)[None, :] <= pos1d[:, None])[:, None, None, :]
                 if decoding else None)                                              # [B, 1, 1, kv_len]
-        step = Step(cache, slots, rows, pos1d, kv_len, mask)
+        kernel = self.decode_attention if decoding and x.dtype == torch.bfloat16 else None
+        step = Step(cache, slots, rows, pos1d, kv_len, mask, kernel)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, step, i)
         return self.norm(x)

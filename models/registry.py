@@ -32,15 +32,19 @@ def load_frontend(model_dir: str | Path):
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               pack_linears: bool = False) -> LoadedModel:
+               cpu_kernels: bool = False) -> LoadedModel:
     """Load any supported checkpoint folder; the family is picked from config.json.
 
-    pack_linears: reorder bf16 Linear weights into oneDNN's layout (CPU fast path; the caller
-    decides with pipeline.device.prefers_packed_linear, the one place that knows devices).
+    cpu_kernels: the CPU bf16 fast paths — Linear weights reordered into oneDNN's layout and the
+    compiled decode-attention kernel (each skipped, with a log line, where unavailable). The
+    caller decides with pipeline.device.prefers_cpu_kernels, the one place that knows devices.
     """
     module = importlib.import_module(FAMILIES[family_of(model_dir)])
     loaded = module.load(model_dir, dtype, device)
-    if pack_linears:
-        from models.packed_linear import pack_linears as pack
-        pack(loaded.model)
+    if cpu_kernels:
+        from models import decode_attention
+        from models.packed_linear import pack_linears
+        pack_linears(loaded.model)
+        if decode_attention.load() is not None:
+            loaded.model.llm.decode_attention = decode_attention.decode_attention
     return loaded

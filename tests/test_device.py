@@ -90,5 +90,5 @@ def test_this_machine_cpu_dtype_matches_its_flags():
 
 
 def test_packed_linear_policy():
-    assert not dev.prefers_packed_linear(torch.device("cpu"), torch.float32)
-    assert not dev.prefers_packed_linear(types.SimpleNamespace(type="cuda"), torch.bfloat16)
+    assert not dev.prefers_cpu_kernels(torch.device("cpu"), torch.float32)
+    assert not dev.prefers_cpu_kernels(types.SimpleNamespace(type="cuda"), torch.bfloat16)

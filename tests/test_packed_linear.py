@@ -31,7 +31,7 @@ def test_packed_model_generates_the_same_tokens(bunny_golden):
     names = ["rgb_640x480", "rgb_2000x500"]
     outs = []
     for pack in (False, True):
-        lm = load_model(BUNNY / "checkpoint", torch.bfloat16, torch.device("cpu"), pack_linears=pack)
+        lm = load_model(BUNNY / "checkpoint", torch.bfloat16, torch.device("cpu"), cpu_kernels=pack)
         assert any(isinstance(mod, packed_linear.PackedLinear) for mod in lm.model.modules()) == pack
         feats = features_for(lm, BUNNY, bunny_golden, names, "Describe this image in detail.")
         eng = CaptionEngine(lm, DecodeConfig(max_new_tokens=8), EngineOptions(max_batch_size=2))
