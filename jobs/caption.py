@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
+from typing import Callable
 from dataclasses import asdict, dataclass
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -168,8 +170,7 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
     set_threads(cfg.threads)
     workers = default_workers() if cfg.workers is None else cfg.workers
     # workers == 0: preprocess inline with the frontend already built in this process
-    pool = OrderedPool(pre if workers else _Ready(front), workers, ahead=max(2 * ENCODE_BATCH, 4 * workers),
-                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
+    pool = preprocess_pool(pre if workers else _Ready(front), workers)
     pool.start()              # spawns now: the workers' start-up (imports, tokenizer) overlaps the model load
     try:
         return _stream(cfg, manifest, ledger, pool, work, device, dtype)
@@ -177,19 +178,44 @@ def _run(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pre: Preprocessor, 
         pool.close()
 
 
-def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPool, work: list[ShardWork],
-            device, dtype) -> int:
+@dataclass
+class ModelStages:
+    """The model-side stages of a process (local run or Ray actor): built once, used per shard."""
+
+    loaded: object            # models.base.LoadedModel
+    writer: ShardWriter
+    encoder: object           # stages.encode.VisionEncoder
+    make_engine: Callable[[], object]
+    load_s: float
+
+
+def build_model_stages(cfg: RunConfig, ledger: Ledger, extra_types: dict, device, dtype) -> ModelStages:
+    """Load the model (with the device's fast paths) and build encoder, engine factory and writer."""
     from models.registry import load_model
     from stages.caption.engine import CaptionEngine, EngineOptions
     from stages.encode import VisionEncoder
 
     t0 = time.perf_counter()
     loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
-    log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
-             str(dtype).removeprefix("torch."), time.perf_counter() - t0)
-    writer = ShardWriter(ledger, OutputSchema(manifest.extra_types, loaded.name, ledger.fingerprint))
-    encoder = VisionEncoder(loaded)
     options = EngineOptions(max_batch_size=cfg.max_batch_size, memory_budget_gib=cfg.memory_budget_gib)
+    return ModelStages(loaded=loaded,
+                       writer=ShardWriter(ledger, OutputSchema(extra_types, loaded.name, ledger.fingerprint)),
+                       encoder=VisionEncoder(loaded), make_engine=partial(CaptionEngine, loaded, cfg.decode, options),
+                       load_s=time.perf_counter() - t0)
+
+
+def preprocess_pool(pre, workers: int) -> OrderedPool:
+    """The ordered preprocessing pool both engines use (0 workers: `pre` is set up inline)."""
+    return OrderedPool(pre, workers, ahead=max(2 * ENCODE_BATCH, 4 * workers),
+                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
+
+
+def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPool, work: list[ShardWork],
+            device, dtype) -> int:
+    ms = build_model_stages(cfg, ledger, manifest.extra_types, device, dtype)
+    loaded, writer, encoder = ms.loaded, ms.writer, ms.encoder
+    log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
+             str(dtype).removeprefix("torch."), ms.load_s)
     try:
         pool.wait_ready()
     except RuntimeError as e:
@@ -209,7 +235,7 @@ def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPoo
                  m.rows, m.status.get("ok", 0), f", failed: {failed}" if failed else "", m.timings["wall_s"])
 
     progress = Progress(sum(len(w.refs) for w in work), cfg.quiet)
-    stages = Stages(pool=pool, encode=encoder, make_engine=lambda: CaptionEngine(loaded, cfg.decode, options),
+    stages = Stages(pool=pool, encode=encoder, make_engine=ms.make_engine,
                     claim=claim, release=lambda lock: lock.release(), commit=commit, progress=progress,
                     encode_batch=ENCODE_BATCH)
     try:
@@ -217,6 +243,11 @@ def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPoo
             summary = Runner(stages).run(work)
     finally:
         progress.close()
+    return report_end(summary, ledger)
+
+
+def report_end(summary: RunSummary, ledger: Ledger) -> int:
+    """Log the summary, write captions.json if the run is complete, and choose the exit code."""
     log_summary(summary)
     complete = finish(ledger)
     if summary.failed or summary.not_started:

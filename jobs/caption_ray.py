@@ -27,22 +27,19 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs.caption import ENCODE_BATCH, Prompt, claim_shard, finish, log_summary, plan_work
+from jobs.caption import (ENCODE_BATCH, Prompt, build_model_stages, claim_shard, finish, plan_work, preprocess_pool,
+                          report_end)
 from pipeline import distribute
 from pipeline import fingerprint as fp
 from pipeline.config import RunConfig
-from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind, prefers_cpu_kernels,
+from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind,
                              ray_actor_options, resolve_device, resolve_dtype, set_threads)
-from pipeline.errors import EXIT_INFRA, JobError
+from pipeline.errors import JobError
 from pipeline.ledger import Ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress, add_log_file, setup_logging
-from pipeline.records import Failed
 from pipeline.runner import Runner, RunSummary, ShardWork, Stages
-from pipeline.schema import OutputSchema
-from pipeline.workers import OrderedPool
 from stages.preprocess import Preprocessor
-from stages.write import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +124,6 @@ class ShardWorker:
 
     def __init__(self, cfg: RunConfig, prompt: Prompt, kind: str, dtype_name: str, extra_types: dict,
                  plan: ActorPlan, sample_image: str | None):
-        from models.registry import load_model
-        from stages.caption.engine import CaptionEngine, EngineOptions
-        from stages.encode import VisionEncoder
-
         setup_logging()
         host = socket.gethostname()
         self.ledger = Ledger(cfg.out)
@@ -144,22 +137,14 @@ class ShardWorker:
         device = resolve_device(kind)
         dtype = resolve_dtype(dtype_name, device)
         set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
-        t0 = time.perf_counter()
-        loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
-        self.where = (f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in "
-                      f"{time.perf_counter() - t0:.1f} s")
-        self.writer = ShardWriter(self.ledger, OutputSchema(extra_types, loaded.name, self.ledger.fingerprint))
-        self.encoder = VisionEncoder(loaded)
-        self.make_engine = partial(CaptionEngine, loaded, cfg.decode,
-                                   EngineOptions(max_batch_size=cfg.max_batch_size,
-                                                 memory_budget_gib=cfg.memory_budget_gib))
+        ms = build_model_stages(cfg, self.ledger, extra_types, device, dtype)
+        self.where = f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in {ms.load_s:.1f} s"
+        self.writer, self.encoder, self.make_engine = ms.writer, ms.encoder, ms.make_engine
         pre = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
         # the pool lives as long as the actor (its processes are spawned once, not per shard) and is
         # entered like the local engine's, so a pool that cannot start fails the actor's start
         self._resources = ExitStack()
-        self.pool = self._resources.enter_context(
-            OrderedPool(pre, plan.workers, ahead=max(2 * ENCODE_BATCH, 4 * plan.workers),
-                        on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg)))
+        self.pool = self._resources.enter_context(preprocess_pool(pre, plan.workers))
 
     def process(self, work: ShardWork) -> RunSummary:
         """Claim, caption and commit one shard: the local engine's code path, one shard per call."""
@@ -281,14 +266,4 @@ def run_ray(cfg: RunConfig, manifest: Manifest, ledger: Ledger, device: RemoteDe
     finally:
         bar.close()
     totals.failed += [(w.shard, why) for w, why in report.lost]
-    summary = totals.summary(time.perf_counter() - t0, report.actors)
-    log_summary(summary)
-    complete = finish(ledger)
-    if summary.failed or summary.not_started:
-        shards = [s for s, _ in summary.failed] + list(summary.not_started)
-        log.error("%d shard(s) not committed (%s); re-run the same command to retry them",
-                  len(shards), ", ".join(map(str, shards[:10])) + (" ..." if len(shards) > 10 else ""))
-        return EXIT_INFRA
-    if not complete and summary.busy:
-        log.info("%d shard(s) are being captioned by other processes", len(summary.busy))
-    return 0
+    return report_end(totals.summary(time.perf_counter() - t0, report.actors), ledger)

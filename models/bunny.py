@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
-from models.decoder import Decoder, DecoderConfig
+from models.decoder import Decoder, DecoderConfig, map_llama_names
 from models.loading import CheckpointError, NameMap, TensorSource, load_into, read_config
 from models.vit import ViT, ViTConfig
 
@@ -194,18 +194,7 @@ class Bunny(nn.Module):
 
 def name_map(cfg: BunnyConfig) -> NameMap:
     m = NameMap()
-    m.add("llm.embed_tokens.weight", "model.embed_tokens.weight")
-    for i in range(cfg.llm.n_layers):
-        p, q = f"model.layers.{i}.", f"llm.layers.{i}."
-        m.add(q + "attn.qkv.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
-        m.add(q + "attn.qkv.bias", *(p + f"self_attn.{x}_proj.bias" for x in "qkv"))
-        m.add(q + "attn.o.weight", p + "self_attn.o_proj.weight")
-        m.add(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        m.add(q + "mlp.down.weight", p + "mlp.down_proj.weight")
-        m.add(q + "input_norm.weight", p + "input_layernorm.weight")
-        m.add(q + "post_norm.weight", p + "post_attention_layernorm.weight")
-    m.add("llm.norm.weight", "model.norm.weight")
-    m.add("llm.lm_head.weight", "lm_head.weight")
+    map_llama_names(m, cfg.llm, src="model.", lm_head="lm_head.weight")
     for j in (0, 2):
         for t in ("weight", "bias"):
             m.add(f"projector.{j}.{t}", f"model.mm_projector.{j}.{t}")
@@ -227,10 +216,12 @@ def name_map(cfg: BunnyConfig) -> NameMap:
     return m
 
 
-def frontend(model_dir: str | Path) -> tuple[BunnyProcessor, BunnyPrompts]:
-    """The CPU-side parts (image processor, prompt builder) without loading any weights."""
+def frontend(model_dir: str | Path, template: str | None = None) -> tuple[BunnyProcessor, BunnyPrompts]:
+    """The CPU-side parts (image processor, prompt builder) without loading any weights.
+
+    template: a preset's prompt template (one "<image>", one "{question}"); None = the model card's."""
     cfg = BunnyConfig.from_dict(read_config(model_dir))
-    return BunnyProcessor(cfg.image_size), BunnyPrompts(load_tokenizer(model_dir), cfg)
+    return BunnyProcessor(cfg.image_size), BunnyPrompts(load_tokenizer(model_dir), cfg, template or TEMPLATE)
 
 
 def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:

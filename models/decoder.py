@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.kv_cache import KVCache
+from models.loading import NameMap
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,24 @@ class Decoder(nn.Module):
         if self.cfg.logit_divisor != 1.0:
             hidden = hidden / self.cfg.logit_divisor
         return self.lm_head(hidden).float()
+
+
+def map_llama_names(m: NameMap, cfg: DecoderConfig, src: str, lm_head: str, dst: str = "llm.") -> None:
+    """Name-map rules from a HF llama-family checkpoint (`{src}layers.i.self_attn.q_proj...`) to
+    this Decoder under `dst`, fusing q|k|v and gate|up."""
+    m.add(dst + "embed_tokens.weight", src + "embed_tokens.weight")
+    for i in range(cfg.n_layers):
+        p, q = f"{src}layers.{i}.", f"{dst}layers.{i}."
+        m.add(q + "attn.qkv.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
+        if cfg.qkv_bias:
+            m.add(q + "attn.qkv.bias", *(p + f"self_attn.{x}_proj.bias" for x in "qkv"))
+        m.add(q + "attn.o.weight", p + "self_attn.o_proj.weight")
+        m.add(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        m.add(q + "mlp.down.weight", p + "mlp.down_proj.weight")
+        m.add(q + "input_norm.weight", p + "input_layernorm.weight")
+        m.add(q + "post_norm.weight", p + "post_attention_layernorm.weight")
+    m.add(dst + "norm.weight", src + "norm.weight")
+    m.add(dst + "lm_head.weight", lm_head)
 
 
 def residual_scale(scale_depth: float, n_layers: int) -> float:

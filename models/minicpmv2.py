@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
-from models.decoder import Decoder, DecoderConfig, residual_scale
+from models.decoder import Decoder, DecoderConfig, map_llama_names, residual_scale
 from models.loading import CheckpointError, NameMap, TensorSource, load_into, read_config
 from models.minicpmv2_slicing import MiniCPMV2Processor, SliceConfig
 from models.minicpmv2_tokenizer import SlowLlamaTokenizer
@@ -221,19 +221,7 @@ def _drop_batch_dim(t: torch.Tensor) -> torch.Tensor:
 
 def name_map(cfg: MiniCPMV2Config) -> NameMap:
     m = NameMap()
-    m.add("llm.embed_tokens.weight", "llm.model.embed_tokens.weight")
-    for i in range(cfg.llm.n_layers):
-        p, q = f"llm.model.layers.{i}.", f"llm.layers.{i}."
-        m.add(q + "attn.qkv.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkv"))
-        if cfg.llm.qkv_bias:
-            m.add(q + "attn.qkv.bias", *(p + f"self_attn.{x}_proj.bias" for x in "qkv"))
-        m.add(q + "attn.o.weight", p + "self_attn.o_proj.weight")
-        m.add(q + "mlp.gate_up.weight", p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        m.add(q + "mlp.down.weight", p + "mlp.down_proj.weight")
-        m.add(q + "input_norm.weight", p + "input_layernorm.weight")
-        m.add(q + "post_norm.weight", p + "post_attention_layernorm.weight")
-    m.add("llm.norm.weight", "llm.model.norm.weight")
-    m.add("llm.lm_head.weight", "llm.lm_head.weight")
+    map_llama_names(m, cfg.llm, src="llm.model.", lm_head="llm.lm_head.weight")
 
     # timm VisionTransformer names; qkv is already fused there, like ours.
     m.add("vision.patch_embed.weight", "vpm.patch_embed.proj.weight")
@@ -280,10 +268,12 @@ def load_tokenizer(model_dir: str | Path) -> SlowLlamaTokenizer:
     return SlowLlamaTokenizer(model_dir)
 
 
-def frontend(model_dir: str | Path) -> tuple[MiniCPMV2Processor, MiniCPMV2Prompts]:
-    """The CPU-side parts (image processor, prompt builder) without loading any weights."""
+def frontend(model_dir: str | Path, template: str | None = None) -> tuple[MiniCPMV2Processor, MiniCPMV2Prompts]:
+    """The CPU-side parts (image processor, prompt builder) without loading any weights.
+
+    template: a preset's prompt template (one "<image>", one "{question}"); None = the family's."""
     cfg = MiniCPMV2Config.from_dict(read_config(model_dir))
-    return MiniCPMV2Processor(cfg.slicing), MiniCPMV2Prompts(load_tokenizer(model_dir), cfg)
+    return MiniCPMV2Processor(cfg.slicing), MiniCPMV2Prompts(load_tokenizer(model_dir), cfg, template or TEMPLATE)
 
 
 def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:

@@ -25,10 +25,12 @@ def family_of(model_dir: str | Path) -> str:
     return mt
 
 
-def load_frontend(model_dir: str | Path):
-    """(image processor, prompt builder) of a checkpoint, without weights: for CPU workers."""
+def load_frontend(model_dir: str | Path, template: str | None = None):
+    """(image processor, prompt builder) of a checkpoint, without weights: for CPU workers.
+
+    template: a prompt preset's template (None = the family default); exposed as prompts.template."""
     module = importlib.import_module(FAMILIES[family_of(model_dir)])
-    return module.frontend(model_dir)
+    return module.frontend(model_dir, template)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,

@@ -166,9 +166,7 @@ class Preprocessor:
         from models.registry import load_frontend
 
         Image.MAX_IMAGE_PIXELS = self.limits.max_pixels    # Pillow's own guard, in every worker
-        self.processor, self.prompts = load_frontend(self.model_dir)
-        if self.template is not None:
-            self.prompts = with_template(self.prompts, self.template)
+        self.processor, self.prompts = load_frontend(self.model_dir, self.template)
         return self
 
     def __call__(self, ref: ImageRef) -> ImageInputs | Failed:
@@ -187,14 +185,4 @@ class Preprocessor:
         return ImageInputs(ref=ref, pixels=pixels, plan=plan, width=img.size[0], height=img.size[1],
                            seconds=time.perf_counter() - t0)
 
-
-def with_template(prompts, template: str):
-    """The prompt builder with a preset's template instead of the family default."""
-    import copy
-
-    if not hasattr(prompts, "template"):
-        raise ValueError(f"{type(prompts).__name__} takes no custom template")
-    out = copy.copy(prompts)
-    out.template = template
-    return out
 

@@ -164,12 +164,10 @@ def test_frontend_needs_no_weights(tmp_path):
 
 
 def test_template_can_be_swapped_by_a_preset():
-    from stages.preprocess import with_template
-
     proc, prompts = frontend(CKPT)
     px = proc(Image.new("RGB", (100, 100)))
     assert prompts.text("Q?", px) == "<用户><image>" + "<unk>" * 64 + "</image>\nQ?<AI>"
-    other = with_template(prompts, "<用户>{question}<image><AI>")
+    _, other = frontend(CKPT, template="<用户>{question}<image><AI>")
     assert other.text("<image>", px) == "<用户><image><image>" + "<unk>" * 64 + "</image><AI>"
     assert prompts.template != other.template
 
