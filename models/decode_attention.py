@@ -167,6 +167,7 @@ def load():
         if _module is None and not _failed:
             try:
                 from torch.utils.cpp_extension import load_inline
+                _ninja_on_path()
                 _module = load_inline(name="vlmcap_decode_attention_v4", cpp_sources=[_SOURCE],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                       verbose=False)
@@ -174,6 +175,17 @@ def load():
                 _failed = True
                 log.warning("decode attention kernel unavailable (%s); using SDPA", str(e).splitlines()[0][:200])
     return _module
+
+
+def _ninja_on_path() -> None:
+    """The `ninja` wheel puts its binary next to this interpreter, which may not be on PATH when
+    the venv is not activated (`.venv/bin/python -m ...`)."""
+    import os
+    import shutil
+    import sys
+
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
