@@ -1,8 +1,9 @@
 """Does torch.compile speed up the decode step on this CPU? (issue: keep what is faster)
 
 Compares, for the same full-size random checkpoint and a fixed cache length, the median decode
-step of: eager + plain nn.Linear, eager + oneDNN-packed Linear (what the engine uses), and
-torch.compile (inductor, CPU C++ codegen, weights frozen so inductor packs them itself).
+step of: eager + plain nn.Linear + SDPA ("eager-plain"), eager with the CPU fast paths the engine
+uses (oneDNN-packed Linear + the decode-attention kernel: "eager-packed"), and torch.compile
+(inductor, CPU C++ codegen, weights frozen so inductor packs them itself) of the plain model.
 
     python benchmarks/compile_probe.py --family bunny --batches 1,8 --out benchmarks/results/compile_probe.json
 """
@@ -44,13 +45,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="bunny")
     ap.add_argument("--random-dir", default="~/.cache/vlm-caption-pipeline/random")
+    ap.add_argument("--model", default=None, help="an existing checkpoint folder instead of a random one")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--context", type=int, default=832)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results/compile_probe.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    path = write_random_checkpoint(a.family, Path(a.random_dir).expanduser() / a.family)
+    path = a.model or write_random_checkpoint(a.family, Path(a.random_dir).expanduser() / a.family)
     batches = [int(b) for b in a.batches.split(",")]
     res: dict[str, dict[int, float]] = {}
     for mode in ("eager-plain", "eager-packed", "compiled"):

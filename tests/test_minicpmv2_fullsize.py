@@ -43,10 +43,12 @@ def _peak_rss_gib() -> float:
 
 def smoke(ckpt: Path, dtype: torch.dtype, n_new: int) -> dict:
     """Load, caption one 640x480 image greedily through the KV cache; return timings and shapes."""
-    from models import minicpmv2
+    from models.registry import load_model
+    from pipeline.device import prefers_cpu_kernels
 
     t0 = time.perf_counter()
-    lm = minicpmv2.load(ckpt, dtype, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    lm = load_model(ckpt, dtype, cpu, cpu_kernels=prefers_cpu_kernels(cpu, dtype))   # the pipeline's load path
     load_s = time.perf_counter() - t0
     m, cfg = lm.model, lm.model.cfg.llm
 
@@ -105,7 +107,8 @@ def test_fullsize_random_checkpoint_bf16(caplog):
     from models.random_checkpoint import write_random_checkpoint
 
     caplog.set_level(logging.INFO)
-    ckpt = Path(os.environ.get("MINICPMV2_RANDOM_CKPT", REPO / "random-checkpoints" / "minicpmv2-bf16"))
+    ckpt = Path(os.environ.get("MINICPMV2_RANDOM_CKPT",
+                               Path("~/.cache/vlm-caption-pipeline/random/minicpmv2").expanduser()))
     t0 = time.perf_counter()
     write_random_checkpoint("minicpmv2", ckpt, dtype=torch.bfloat16, seed=0)
     log.info("random checkpoint ready in %.1fs at %s", time.perf_counter() - t0, ckpt)
