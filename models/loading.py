@@ -26,17 +26,23 @@ class CheckpointError(ValueError):
     """The checkpoint folder is missing, malformed or does not match the architecture."""
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A checkpoint's JSON file parsed as data (never code); CheckpointError if not a JSON object."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
+
+
 def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no config.json (is this a Hugging Face checkpoint folder?)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable config.json ({e})") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: config.json is not a JSON object")
-    return cfg
+    return read_json_object(path)
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:

@@ -16,7 +16,6 @@ Only the tokenizer.model protobuf and two JSON files are read (no code from the 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -90,17 +89,9 @@ class SlowLlamaTokenizer:
 
     @staticmethod
     def _read_json(path: Path) -> dict:
-        from models.loading import CheckpointError
+        from models.loading import read_json_object
 
-        if not path.is_file():
-            return {}
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable ({e})") from e
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: not a JSON object")
-        return d
+        return read_json_object(path) if path.is_file() else {}
 
     # -- vocabulary -----------------------------------------------------------------------------
     @property
