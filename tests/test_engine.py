@@ -79,3 +79,28 @@ def test_failed_records_pass_through(bunny_fp32, bunny_golden):
     out = list(CaptionEngine(bunny_fp32, DecodeConfig(max_new_tokens=2)).run([bad, *feats]))
     assert out[0] is bad and out[1].ref.key == "rgb_640x480"
     assert torch.is_tensor(feats[0].prompt_embeds)
+
+
+def test_memory_budget_sizes_the_slots_and_oom_halves_them(bunny_fp32, bunny_golden, monkeypatch):
+    from models.kv_cache import KVCache
+    from stages.caption import engine as engine_mod
+    from stages.caption import memory
+
+    feats = features_for(bunny_fp32, BUNNY, bunny_golden, NAMES, "Describe this image in detail.")
+    c = bunny_fp32.model.llm.cfg
+    per_slot = 2 * c.n_layers * c.n_kv_heads * 1024 * c.head_dim * 4          # fp32 KV at 1024 positions
+    opts = EngineOptions(max_batch_size=16, memory_budget_gib=3.2 * per_slot * memory.ACTIVATION_ALLOWANCE / 2**30)
+    assert memory.plan_slots(per_slot, opts, torch.device("cpu")) == 3
+
+    class FlakyCache(KVCache):             # "allocation fails" above 2 slots
+        def __init__(self, shape, dtype, device="cpu"):
+            if shape.slots > 2:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+            super().__init__(shape, dtype, device)
+
+    monkeypatch.setattr(engine_mod, "KVCache", FlakyCache)
+    eng = CaptionEngine(bunny_fp32, DecodeConfig(max_new_tokens=6), EngineOptions(max_batch_size=8))
+    out = {r.ref.key: r.token_ids for r in eng.run(feats)}
+    assert eng.stats.slots == 2 and eng.stats.oom_retries == 2              # 8 -> 4 -> 2
+    ref = {r.ref.key: r.token_ids for r in CaptionEngine(bunny_fp32, DecodeConfig(max_new_tokens=6)).run(feats)}
+    assert out == ref
