@@ -27,7 +27,6 @@ TEMPLATE = ("A chat between a curious user and an artificial intelligence assist
             "The assistant gives helpful, detailed, and polite answers to the user's questions. "
             "USER: <image>\n{question} ASSISTANT:")
 IMAGE_TOKEN = "<image>"
-N_IMAGE_TOKENS_SIDE = 384 // 14  # overwritten per config below; kept for readers: 27 x 27 = 729
 
 # so400m-patch14-384, used when config.json has no "vision_config" (the real checkpoint).
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
