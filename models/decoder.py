@@ -105,7 +105,7 @@ class Attention(nn.Module):
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         gqa = cfg.n_heads != cfg.n_kv_heads
         cache = step.cache
-        if step.mask is None:
+        if not step.decoding:
             # Prefill (or no cache): causal attention over this chunk only; rows are right-padded
             # so a real token never sees a pad. Prefill always starts at position 0.
             if cache is not None:
@@ -138,8 +138,8 @@ class Attention(nn.Module):
 class Step:
     """What every layer needs to know about this forward, computed once per forward.
 
-    mask is None for prefill / no-cache (causal attention within the chunk); for a decode step it
-    is [B, 1, 1, kv_len], True where a row may attend (positions <= its own).
+    For a decode step, mask is [B, 1, 1, kv_len], True where a row may attend (positions <= its
+    own), unless the decode-attention kernel (which takes lengths) will be used; None otherwise.
     """
 
     cache: KVCache | None
@@ -149,6 +149,7 @@ class Step:
     kv_len: int | None
     mask: torch.Tensor | None
     kernel: object = None            # decode attention kernel (q, k_cache, v_cache, lengths, scale)
+    decoding: bool = False           # one cached token per row (else prefill / no cache)
 
 
 class MLP(nn.Module):
@@ -233,10 +234,13 @@ class Decoder(nn.Module):
         if decoding and kv_len is None:
             raise ValueError("a cached decode step needs kv_len")
         rows = (torch.arange(B, device=x.device) if slots is None else slots) if decoding else None
-        mask = ((torch.arange(kv_len, device=x.device)[None, :] <= pos1d[:, None])[:, None, None, :]
-                if decoding else None)                                              # [B, 1, 1, kv_len]
         kernel = self.decode_attention if decoding and x.dtype == torch.bfloat16 else None
-        step = Step(cache, slots, rows, pos1d, kv_len, mask, kernel)
+        # the SDPA path's mask; the kernel takes lengths instead (it is used only for slots=None and
+        # no GQA, so the mask is still built for the other decode cases)
+        needs_mask = decoding and (kernel is None or slots is not None or self.cfg.n_heads != self.cfg.n_kv_heads)
+        mask = ((torch.arange(kv_len, device=x.device)[None, :] <= pos1d[:, None])[:, None, None, :]
+                if needs_mask else None)                                            # [B, 1, 1, kv_len]
+        step = Step(cache, slots, rows, pos1d, kv_len, mask, kernel, decoding)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, step, i)
         return self.norm(x)
