@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,7 +22,6 @@ class PixelInputs:
 
     crops: tuple[torch.Tensor, ...]
     grid: tuple[int, int] | None = None      # (cols, rows) of the slices, None when not sliced
-    extra: dict = field(default_factory=dict)
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -84,7 +83,7 @@ class LoadedModel:
 
     family: str
     name: str
-    model: torch.nn.Module
+    model: VisionLanguageModel               # an nn.Module with llm, encode_images, prompt_embeds
     processor: ImageProcessor
     prompts: PromptBuilder
     dtype: torch.dtype
