@@ -23,14 +23,15 @@ from pathlib import Path
 from PIL import Image
 
 from jobs import roofline
-from models.base import LoadedModel
+from models.base import LoadedModel, dtype_name
 from models.random_checkpoint import write_random_checkpoint
 from models.registry import load_model
 from pipeline import device as dev
 from pipeline.config import DecodeConfig
-from pipeline.records import ImageInputs, ImageRef
+from pipeline.records import ImageRef
 from stages.caption.engine import CaptionEngine, EngineOptions
 from stages.encode import VisionEncoder
+from stages.records import ImageInputs
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def run(cfg: BenchConfig) -> Summary:
     log.info("model loaded in %.1f s on %s (%s)", time.perf_counter() - t0, dev.describe(device), dtype)
     image = Image.open(cfg.image).convert("RGB")
     machine = roofline.measure_machine(dtype) if device.type == "cpu" else roofline.Machine(float("nan"), float("nan"))
-    s = Summary(family=loaded.family, device=dev.describe(device), dtype=str(dtype).removeprefix("torch."),
+    s = Summary(family=loaded.family, device=dev.describe(device), dtype=dtype_name(dtype),
                 machine=asdict(machine))
     run_once(loaded, image, cfg.image, 1, BenchConfig(**{**asdict(cfg), "max_new_tokens": 4}))   # warm-up
     for b in cfg.batch_sizes:

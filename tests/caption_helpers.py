@@ -19,7 +19,7 @@ from PIL import Image
 from jobs.caption import run_caption
 from pipeline import array_task, jobfile
 from pipeline.ledger import Ledger
-from stages.write import read_shards
+from pipeline.export import read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "tests" / "golden" / "bunny-tiny" / "checkpoint"
@@ -29,7 +29,7 @@ TIMING_COLUMNS = ("preprocess_s", "encode_s", "prefill_s", "decode_s")
 
 def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`pipeline ...` in a fresh interpreter (as cron would run it)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -49,7 +49,9 @@ def rows(run_dir: Path, keep_timings: bool = False) -> list[dict]:
     """The merged rows of a run, without the per-image timings (which vary run to run)."""
     led = Ledger(run_dir)
     led.read_run()
-    out = read_shards(led, led.markers()).to_pylist()
+    table, bad = read_shards(led, led.markers())
+    assert bad == []
+    out = table.to_pylist()
     if not keep_timings:
         for r in out:
             for c in TIMING_COLUMNS:

@@ -17,7 +17,7 @@ TASKS = 3
 def test_three_tasks_then_export_equal_single_process(tmp_path):
     manifest, reference = reference_run()
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    base = [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
             "--out", str(out), "--workers", "0", "--threads", "1", *CORPUS_ARGS]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "JOB_COMPLETION_INDEX"}
     launches = [

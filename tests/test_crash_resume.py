@@ -26,7 +26,7 @@ SHARDS = -(-CORPUS_SIZE // 4)
 
 
 def _command(manifest: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    return [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
             "--out", str(out), "--workers", "1", *CORPUS_ARGS]
 
 

@@ -29,7 +29,7 @@ def test_jobfile_paths_relative_to_file_and_flags_override(tmp_path):
     assert cfg.decode.max_new_tokens == 8          # flag wins
     assert cfg.prompt == "What is this?"           # unset flag keeps the file's value
     assert cfg.quiet is False                      # an explicit --no-quiet beats the file
-    assert cfg.max_batch_size == 4 and cfg.shard_size == 256 and cfg.config_file == str(p)
+    assert cfg.batch.max_batch_size == 4 and cfg.shard_size == 256 and cfg.config_file == str(p)
 
 
 def test_unknown_key_suggests_and_types_checked(tmp_path):
@@ -60,7 +60,7 @@ def test_run_config_checks():
                         ArraySlice())
     d = cfg.decode
     assert (d.temperature, d.top_p, d.top_k, d.seed, d.ignore_eos, d.repetition_penalty) == (0.7, 0.9, 20, 3, True, 1.1)
-    assert cfg.memory_budget_gib == 2 and cfg.engine == "ray" and cfg.ray_address == "auto"
+    assert cfg.batch.memory_budget_gib == 2 and cfg.engine == "ray" and cfg.ray_address == "auto"
 
 
 def test_array_slice_from_flags_and_env():

@@ -100,7 +100,7 @@ def killed_ray_run(cluster, tmp_path_factory):
     actors have gone. Returns (command, run dir, markers at that point)."""
     manifest, _ = reference_run()
     out = tmp_path_factory.mktemp("killed") / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    cmd = [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
            "--out", str(out), *CORPUS_ARGS, *RAY_FLAGS, "--ray-address", cluster]
     log = open(tmp_path_factory.mktemp("logs") / "driver.log", "w+")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
