@@ -6,7 +6,10 @@ models' captions is the worst failure this tool can have), so every byte is hash
 ($XDG_CACHE_HOME or ~/.cache, then vlm-caption-pipeline/digests/), keyed by everything the
 kernel changes when the file does: path, device, inode, size, mtime and ctime (nanoseconds).
 ctime cannot be set by a user (`touch -d`, `cp -p` and rsync set mtime, and the kernel then sets
-ctime to now), so a same-size edit that even restores the old mtime still misses the cache.
+ctime to now), so a same-size edit that even restores the old mtime still misses the cache. As in
+git's "racily clean" rule, a file changed in the last RACY_NS is hashed but not remembered: file
+timestamps advance in clock ticks, and an edit within the tick of the hashed version would keep
+its ctime.
 
 The cache is an optimisation, never a source of truth: a missing, unreadable or stale entry
 means hashing the file again, and an unwritable cache folder only costs the time.
@@ -18,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from pipeline.atomic import write_text_atomic
@@ -25,6 +29,7 @@ from pipeline.atomic import write_text_atomic
 log = logging.getLogger(__name__)
 
 CACHED_FROM = 8 << 20          # smaller files (configs, tokenizers) are hashed every time: milliseconds
+RACY_NS = 2_000_000_000        # a file changed this recently is not remembered (see above)
 
 
 def cache_dir() -> Path:
@@ -56,8 +61,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     except (OSError, ValueError):
         pass
     digest = hash_file(path)
-    if _key(path, path.stat()) != key:
-        return digest                   # changed while being read: nothing worth remembering
+    if _key(path, path.stat()) != key or time.time_ns() - st.st_ctime_ns < RACY_NS:
+        return digest                   # changed while being read, or too recently to tell: not remembered
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(entry, json.dumps({"key": key, "sha256": digest}))
