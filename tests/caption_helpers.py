@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -39,6 +40,18 @@ def caption(**opts) -> int:
     opts = {k: str(v) if isinstance(v, Path) else v for k, v in opts.items()}
     part = array_task.resolve(opts.get("num_shards_total"), opts.get("shard_index"), {})
     return run_caption(jobfile.to_run_config(opts, part))
+
+
+def session_alive(sid: int) -> list[int]:
+    """Live (non-zombie) processes of a session: a job started with start_new_session=True."""
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return alive
 
 
 def error_lines(stderr: str) -> list[str]:
