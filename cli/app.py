@@ -21,7 +21,7 @@ for area in (caption, manage, score, bench):
 
 
 def main() -> None:
-    app()
+    app(prog_name="pipeline")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class Option:
     max: float | None = None              # largest allowed value
     choices: tuple[str, ...] = ()
     nonempty: bool = False                # a string that must hold some text
-    default_text: str | None = None       # --help's "[default: ...]" when the default is None
+    default_text: str | None = None       # --help's "(default: ...)" when the default is None
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, **how: Any) -> Any:
@@ -187,7 +187,7 @@ class Declared:
         if self.required:
             return self.option.help
         shown = self.option.default_text if self.default is None else self.default
-        return f"{self.option.help} [default: {shown}]" if shown not in (None, False) else self.option.help
+        return f"{self.option.help} (default: {shown})" if shown not in (None, False) else self.option.help
 
 
 def _plain(hint: Any) -> type:
