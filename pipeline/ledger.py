@@ -198,6 +198,7 @@ class Ledger:
         self.logs = self.root / "logs"
         self._run: RunDoc | None = None
         self._flock_ok = True
+        self._temps: dict[int, list[Path]] | None = None     # shard -> its temp files, listed once
 
     # -- run.json ------------------------------------------------------------------------------------
     @property
@@ -359,6 +360,14 @@ class Ledger:
         done = self.markers()
         return [s for s in range(self.layout.n_shards) if part.owns(s) and s not in done]
 
+    def set_aside_shards(self) -> list[int]:
+        """Shards with a marker set aside (NNNNN.done.json.bad), whether redone since or not."""
+        try:
+            return sorted(s for name in os.listdir(self.shards)
+                          if name.endswith(".done.json.bad") and (s := self._shard_of(name)) is not None)
+        except OSError as e:
+            raise _io_error(self.shards, e) from None
+
     def set_aside(self, marker: ShardMarker, why: str) -> bool:
         """A committed shard whose data does not match its marker: rename the marker away (to
         NNNNN.done.json.bad, kept for a look) so the shard is pending again. Done under the shard's
@@ -402,11 +411,28 @@ class Ledger:
 
     def remove_temps(self, shard: int) -> int:
         """Delete the shard's temp files. Call only while holding its lock: any temp file of the
-        shard is then a leftover of a killed writer (a live one would hold the lock)."""
+        shard is then a leftover of a killed writer (a live one would hold the lock). The folder
+        is listed once per process, not per shard (it holds two files per shard, 78,000 at 10M
+        images); a temp file left after that listing is removed by the next run."""
+        if self._temps is None:
+            self._temps = {}
+            try:
+                with os.scandir(self.shards) as entries:
+                    for e in entries:
+                        s = self._shard_of(e.name) if e.name.startswith(".") and e.name.endswith(".tmp") else None
+                        if s is not None:
+                            self._temps.setdefault(s, []).append(Path(e.path))
+            except OSError as e:
+                raise _io_error(self.shards, e) from None
         n = 0
-        for p in self.shards.glob(f".{shard_name(shard)}.*.tmp"):
-            p.unlink(missing_ok=True)
-            n += 1
+        for p in self._temps.pop(shard, []):
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise _io_error(self.shards, e) from None
         if n:
             log.info("shard %d: removed %d temp file(s) left by a killed process", shard, n)
         return n

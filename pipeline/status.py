@@ -34,6 +34,7 @@ class StatusReport:
     new_tokens: int
     per_process: dict[str, float] = field(default_factory=dict)   # host:pid -> images/s
     complete: bool = False
+    set_aside: tuple[int, ...] = ()                 # pending because their data failed verification
 
     @property
     def failed(self) -> int:
@@ -51,6 +52,10 @@ class StatusReport:
             + (f": {', '.join(map(str, self.pending_shards[:10]))}{' ...' if len(self.pending_shards) > 10 else ''}"
                if self.pending_shards else ""),
         ]
+        if self.set_aside:
+            lines.append(f"set aside  {len(self.set_aside)} shard(s) whose data no longer matched its done marker: "
+                         f"{', '.join(map(str, self.set_aside[:10]))}{' ...' if len(self.set_aside) > 10 else ''} "
+                         f"(the next caption run redoes them)")
         if self.span_s > 0:
             lines.append(f"throughput {self.processed / self.span_s:.2f} img/s, {self.new_tokens / self.span_s:.1f} new tok/s "
                          f"over {self.span_s:.1f} s ({len(self.per_process)} process(es))")
@@ -83,4 +88,5 @@ def status(run_dir: str | Path) -> StatusReport:
         pending_shards=pending, pending_images=pending_images, span_s=span,
         processed=sum(m.processed for m in markers.values()), new_tokens=sum(m.new_tokens for m in markers.values()),
         per_process={k: (n / (b - a) if b > a else 0.0) for k, (n, a, b) in procs.items()},
-        complete=not pending and (Path(run_dir) / "captions.json").exists())
+        complete=not pending and (Path(run_dir) / "captions.json").exists(),
+        set_aside=tuple(s for s in ledger.set_aside_shards() if s in pending))

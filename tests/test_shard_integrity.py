@@ -55,6 +55,7 @@ def test_export_sets_a_corrupted_shard_aside_and_the_rerun_redoes_only_it(tmp_pa
     assert (out / "shards" / "00002.done.json.bad").exists()
     r = cli("status", str(out))
     assert r.returncode == 0 and "pending    4 images in 1 shard(s): 2" in r.stdout
+    assert "set aside  1 shard(s) whose data no longer matched its done marker: 2" in r.stdout
     r = cli("caption", "--manifest", str(manifest), "--model", str(CKPT), "--out", str(out), "--workers", "0",
             *CORPUS_ARGS)
     assert r.returncode == 0, r.stderr
