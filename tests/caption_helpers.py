@@ -89,6 +89,25 @@ def markers(run_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((Path(run_dir) / "shards").glob("*.done.json"))}
 
 
+def run_with_a_late_image(tmp_path: Path, names: tuple[str, ...] = ("a", "late", "b")) -> tuple[Path, Path, dict]:
+    """A run (shards of 2) over imgs/<name>.png where late.png is missing at first, so it is a
+    `missing` row; late.png then appears. Returns (manifest, run dir, the first run's rows by key)."""
+    img = tmp_path / "imgs"
+    img.mkdir()
+    colours = {"a": ((64, 48), (200, 30, 30)), "b": ((50, 70), (30, 200, 30)), "late": ((40, 40), (30, 30, 200))}
+    for name in names:
+        if name != "late":
+            Image.new("RGB", *colours[name]).save(img / f"{name}.png")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"imgs/{n}.png\n" for n in names))
+    out = tmp_path / "run"
+    assert caption(manifest=manifest, out=out, shard_size=2) == 0
+    first = {r["key"]: r for r in rows(out)}
+    assert first["imgs/late.png"]["status"] == "missing" and "imgs/late.png" not in captions(out)
+    Image.new("RGB", *colours["late"]).save(img / "late.png")
+    return manifest, out, first
+
+
 def synthetic_corpus(folder: Path, n: int, seed: int = 0) -> Path:
     """n small random images of varied sizes and formats, and a manifest listing them."""
     folder.mkdir(parents=True, exist_ok=True)

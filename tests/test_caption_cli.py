@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from caption_helpers import CKPT, SAMPLES, caption, captions, cli, error_lines, markers, read_parquet_rows, rows
+from caption_helpers import (CKPT, SAMPLES, caption, captions, cli, error_lines, markers, read_parquet_rows, rows,
+                             run_with_a_late_image)
 from pipeline.errors import JobError
 
 SIZES = {"samples/camera.png": (512, 512), "samples/chelsea.png": (451, 300), "samples/coffee.png": (600, 400),
@@ -133,17 +133,7 @@ def test_changed_prompt_refused_then_overwrite(samples_run, tmp_path):
 
 
 def test_retry_failed_recaptions_only_failed_rows(tmp_path):
-    img = tmp_path / "imgs"
-    img.mkdir()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(img / "a.png")
-    Image.new("RGB", (50, 70), (30, 200, 30)).save(img / "b.png")
-    manifest = tmp_path / "m.txt"
-    manifest.write_text("imgs/a.png\nimgs/late.png\nimgs/b.png\n")
-    out = tmp_path / "run"
-    assert caption(manifest=manifest, out=out, shard_size=2) == 0
-    first = {r["key"]: r for r in rows(out)}
-    assert first["imgs/late.png"]["status"] == "missing" and "imgs/late.png" not in captions(out)
-    Image.new("RGB", (40, 40), (30, 30, 200)).save(img / "late.png")
+    manifest, out, first = run_with_a_late_image(tmp_path)
     before = markers(out)
     assert caption(manifest=manifest, out=out, shard_size=2) == 0          # plain re-run: nothing to do
     assert markers(out) == before

@@ -15,9 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from PIL import Image
-
-from caption_helpers import CORPUS_ARGS, CKPT, caption, captions, cli, error_lines, markers, reference_run, rows
+from caption_helpers import (CKPT, CORPUS_ARGS, caption, captions, cli, error_lines, markers, reference_run, rows,
+                             run_with_a_late_image)
 
 CORPUS_OPTS = {"max_new_tokens": 4, "shard_size": 4, "dtype": "float32"}       # = CORPUS_ARGS
 
@@ -85,16 +84,7 @@ def test_building_captions_json_verifies_and_repairs_in_the_same_run(tmp_path):
 
 
 def test_retry_failed_redoes_a_corrupted_shard_whole(tmp_path):
-    img = tmp_path / "imgs"
-    img.mkdir()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(img / "a.png")
-    manifest = tmp_path / "m.txt"
-    manifest.write_text("imgs/a.png\nimgs/late.png\n")
-    out = tmp_path / "run"
-    assert caption(manifest=manifest, out=out, shard_size=2) == 0
-    first = {r["key"]: r for r in rows(out)}
-    assert first["imgs/late.png"]["status"] == "missing"
-    Image.new("RGB", (40, 40), (30, 30, 200)).save(img / "late.png")
+    manifest, out, _ = run_with_a_late_image(tmp_path, ("a", "late"))
     _flip_middle(out / "shards" / "00000.parquet")
     assert caption(manifest=manifest, out=out, shard_size=2, retry_failed=True) == 0
     m = _marker(out, 0)
