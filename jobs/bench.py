@@ -189,7 +189,7 @@ def run(cfg: BenchConfig) -> Summary:
     if not model_dir:
         raise ValueError("give --model DIR or --random-weights bunny|minicpmv2")
     t0 = time.perf_counter()
-    loaded = load_model(model_dir, dtype, device, cpu_kernels=dev.prefers_cpu_kernels(device, dtype))
+    loaded = load_model(model_dir, dtype, device, kernels=dev.cpu_kernels(device, dtype))
     log.info("model loaded in %.1f s on %s (%s)", time.perf_counter() - t0, dev.describe(device), dtype)
     image = Image.open(cfg.image).convert("RGB")
     machine = roofline.measure_machine(dtype) if device.type == "cpu" else roofline.Machine(float("nan"), float("nan"))

@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import fingerprint as fp
 from pipeline.config import DEFAULT_PROMPT, RunConfig
-from pipeline.device import (DeviceError, cpu_count, describe, prefers_cpu_kernels, resolve_device, resolve_dtype,
+from pipeline.device import (DeviceError, cpu_count, cpu_kernels, describe, resolve_device, resolve_dtype,
                              set_threads)
 from pipeline.errors import EXIT_INFRA, JobError
 from pipeline.ledger import CAPTIONS_JSON, Layout, Ledger, ShardMarker
@@ -196,7 +196,7 @@ def build_model_stages(cfg: RunConfig, ledger: Ledger, extra_types: dict, device
     from stages.encode import VisionEncoder
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
+    loaded = load_model(cfg.model, dtype, device, kernels=cpu_kernels(device, dtype))
     options = EngineOptions(max_batch_size=cfg.max_batch_size, memory_budget_gib=cfg.memory_budget_gib)
     return ModelStages(loaded=loaded,
                        writer=ShardWriter(ledger, OutputSchema(extra_types, loaded.name, ledger.fingerprint)),
@@ -214,8 +214,8 @@ def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPoo
             device, dtype) -> int:
     ms = build_model_stages(cfg, ledger, manifest.extra_types, device, dtype)
     loaded, writer, encoder = ms.loaded, ms.writer, ms.encoder
-    log.info("model %s (%s) loaded on %s as %s in %.1f s", loaded.name, loaded.family, describe(device),
-             str(dtype).removeprefix("torch."), ms.load_s)
+    log.info("model %s (%s) loaded on %s as %s in %.1f s; %s", loaded.name, loaded.family, describe(device),
+             str(dtype).removeprefix("torch."), ms.load_s, loaded.kernels)
     try:
         pool.wait_ready()
     except RuntimeError as e:

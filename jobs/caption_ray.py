@@ -138,7 +138,8 @@ class ShardWorker:
         dtype = resolve_dtype(dtype_name, device)
         set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
         ms = build_model_stages(cfg, self.ledger, extra_types, device, dtype)
-        self.where = f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in {ms.load_s:.1f} s"
+        self.where = (f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in {ms.load_s:.1f} s; "
+                      f"{ms.loaded.kernels}")
         self.writer, self.encoder, self.make_engine = ms.writer, ms.encoder, ms.make_engine
         pre = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
         # the pool lives as long as the actor (its processes are spawned once, not per shard) and is
