@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -169,7 +170,13 @@ void run(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
     const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
     const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // Grain: ~2^16 multiply-adds per task (two passes over len x D), so a short or tiny attention
+    // runs on one thread instead of paying for waking the pool.
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; ++b) total += lp[b];
+    const int64_t per_item = std::max<int64_t>(1, 2 * D * total / B);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / per_item);
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> acc(D), s(L), qf(D);
         for (int64_t i = begin; i < end; ++i) {
             const int64_t b = i / H, h = i % H, n = lp[b];

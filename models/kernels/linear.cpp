@@ -117,8 +117,10 @@ void gemm(const float* x, int64_t M, int64_t K, const uint8_t* wp, const float* 
     // panel of the weight streams past it; decode batches are a single block.
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t m1 = std::min(M, m0 + MB);
-        // Grain: a few panels per task so a thread streams a long run of the weight.
-        at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
+        // Grain: enough multiply-adds per task (~2^17) that a small layer runs on one thread —
+        // waking the pool costs more than it saves there, and far more on a busy machine.
+        const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 17) / std::max<int64_t>(1, (m1 - m0) * K * NR));
+        at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
             alignas(32) float bias_pad[NR];
             for (int64_t p = p0; p < p1; ++p) {
                 const int64_t n0 = p * NR;
