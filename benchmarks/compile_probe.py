@@ -22,6 +22,7 @@ import torch
 from models.kv_cache import CacheShape, KVCache
 from models.random_checkpoint import write_random_checkpoint
 from models.registry import load_model
+from pipeline.device import cpu_kernels
 
 log = logging.getLogger("compile_probe")
 
@@ -56,7 +57,9 @@ def main() -> None:
     batches = [int(b) for b in a.batches.split(",")]
     res: dict[str, dict[int, float]] = {}
     for mode in ("eager-plain", "eager-packed", "compiled"):
-        lm = load_model(path, torch.bfloat16, torch.device("cpu"), cpu_kernels=(mode == "eager-packed"))
+        cpu = torch.device("cpu")
+        lm = load_model(path, torch.bfloat16, cpu,
+                        kernels=cpu_kernels(cpu, torch.bfloat16) if mode == "eager-packed" else None)
         llm = lm.model.llm
         if mode == "compiled":
             import torch._inductor.config as ic

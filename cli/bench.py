@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, min=1),
         repeats: int = typer.Option(3, min=1, help="median of this many runs per batch size"),
         baseline: bool = typer.Option(False, help="also run the reference-style baseline and report ours/baseline"),
+        stock: bool = typer.Option(False, help="also run the model on PyTorch's own CPU paths (no kernels of ours) "
+                                                "and report ours/stock"),
+        stock_decode_tokens: int = typer.Option(32, min=2, help="new tokens of the stock decode-only row"),
         out: str = typer.Option("benchmarks/results", "--out", help="folder for the CSV and JSON results"),
     ) -> None:
         """Measure captioning throughput: one image replicated, batch 1..10, 256 tokens, EOS ignored."""
@@ -70,14 +73,16 @@ def register(app: typer.Typer) -> None:
         cfg = BenchConfig(image=image, model_dir=model, random_weights=random_weights, random_dir=random_dir,
                           batch_sizes=parse_sizes(batch_sizes), decode_batch_sizes=parse_sizes(decode_batch_sizes),
                           max_new_tokens=max_new_tokens, question=prompt, dtype=dtype, device=device,
-                          threads=threads, repeats=repeats, baseline=baseline, out_dir=out)
+                          threads=threads, repeats=repeats, baseline=baseline, stock=stock,
+                          stock_decode_tokens=stock_decode_tokens, out_dir=out)
         s = run(cfg)
-        typer.echo(f"{s.family} on {s.device}, {s.dtype}; machine: {s.machine['bandwidth_gbs']:.1f} GB/s, "
-                   f"{s.machine['matmul_gflops']:.0f} GFLOP/s bf16 GEMM")
-        typer.echo(f"{'mode':<12}{'batch':>6}{'in':>6}{'out':>5}{'first ms':>10}{'tok ms':>9}{'resp s':>9}"
+        typer.echo(f"{s.family} on {s.device}, {s.dtype}; {s.kernels}; machine: {s.machine['bandwidth_gbs']:.1f} GB/s, "
+                   f"{s.machine['matmul_gflops']:.0f} GFLOP/s {s.dtype} GEMM (best of "
+                   f"{', '.join(s.machine.get('matmul_paths') or {}) or 'n/a'})")
+        typer.echo(f"{'mode':<18}{'batch':>6}{'in':>6}{'out':>5}{'first ms':>10}{'tok ms':>9}{'resp s':>9}"
                    f"{'tok/s':>9}{'img/s':>8}{'dec tok/s':>10}{'RSS GiB':>9}")
         for r in s.rows:
-            typer.echo(f"{r.mode:<12}{r.batch:>6}{r.input_len:>6}{r.output_len:>5}{r.first_token_ms:>10.0f}"
+            typer.echo(f"{r.mode:<18}{r.batch:>6}{r.input_len:>6}{r.output_len:>5}{r.first_token_ms:>10.0f}"
                        f"{r.per_token_ms:>9.1f}{r.response_s:>9.2f}{r.e2e_tokens_per_s:>9.1f}{r.images_per_s:>8.3f}"
                        f"{r.decode_tokens_per_s:>10.1f}{r.peak_rss_gib:>9.2f}")
         for k, v in {**s.floors, **s.ratios}.items():

@@ -5,8 +5,11 @@ per batch: first-token time, per-token time, response time, E2E throughput = b*2
 images/s, each the median of several repeats. Timed end to end: image load + preprocess, vision,
 prefill, decode. Added here:
 - pure decode throughput at larger batches (prefill excluded), and prefill tokens/s,
-- the machine's roofline (measured bandwidth and bf16 GEMM rate) and ours/floor ratios,
-- optionally the reference-style baseline (jobs/bench_baseline.py) in the same run: ours/baseline.
+- the machine's roofline (measured streaming bandwidth; GEMM rate of every path in the compute
+  dtype, the fastest taken) and ours/floor ratios,
+- the CPU (model, ISA level) and the kernels used, in the JSON,
+- optionally, in the same run: the reference-style baseline (jobs/bench_baseline.py), and the same
+  checkpoint on PyTorch's own CPU paths ("stock", `--stock`): ours/baseline, ours/stock.
 Results: benchmarks/results/<family>-<stamp>.csv (+ .json summary).
 """
 
@@ -20,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from jobs import roofline
@@ -51,6 +55,8 @@ class BenchConfig:
     threads: int | None = None
     repeats: int = 3
     baseline: bool = False
+    stock: bool = False                        # also run the same model on PyTorch's own CPU paths
+    stock_decode_tokens: int = 32              # tokens of the stock decode-only rows (it is slow)
     out_dir: str = "benchmarks/results"
 
 
@@ -76,6 +82,9 @@ class Summary:
     device: str
     dtype: str
     machine: dict
+    cpu: dict = field(default_factory=dict)    # model, ISA level, torch capability (CPU runs)
+    kernels: str = ""                          # the fast paths the model ran with
+    threads: int = 0
     rows: list[Row] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
     floors: dict = field(default_factory=dict)
@@ -179,23 +188,35 @@ def run_baseline(loaded: LoadedModel, image: Image.Image, path: str, cfg: BenchC
     return _median_row(runs)
 
 
+def _model_dir(cfg: BenchConfig) -> str:
+    if cfg.random_weights:
+        return str(write_random_checkpoint(cfg.random_weights, Path(cfg.random_dir).expanduser() / cfg.random_weights))
+    if not cfg.model_dir:
+        raise ValueError("give --model DIR or --random-weights bunny|minicpmv2")
+    return cfg.model_dir
+
+
 def run(cfg: BenchConfig) -> Summary:
     device = dev.resolve_device(cfg.device)
     dev.set_threads(cfg.threads)
     dtype = dev.resolve_dtype(cfg.dtype, device)
-    model_dir = cfg.model_dir
-    if cfg.random_weights:
-        model_dir = str(write_random_checkpoint(cfg.random_weights,
-                                                Path(cfg.random_dir).expanduser() / cfg.random_weights))
-    if not model_dir:
-        raise ValueError("give --model DIR or --random-weights bunny|minicpmv2")
+    model_dir = _model_dir(cfg)
     t0 = time.perf_counter()
-    loaded = load_model(model_dir, dtype, device, cpu_kernels=dev.prefers_cpu_kernels(device, dtype))
-    log.info("model loaded in %.1f s on %s (%s)", time.perf_counter() - t0, dev.describe(device), dtype)
+    loaded = load_model(model_dir, dtype, device, kernels=dev.cpu_kernels(device, dtype))
+    log.info("model loaded in %.1f s on %s (%s); %s", time.perf_counter() - t0, dev.describe(device), dtype,
+             loaded.kernels)
     image = Image.open(cfg.image).convert("RGB")
-    machine = roofline.measure_machine(dtype) if device.type == "cpu" else roofline.Machine(float("nan"), float("nan"))
+    if device.type == "cpu":
+        from models.kernels import build
+        machine = roofline.measure_machine(dtype, ops=build.load(dev.cpu_info().isa))
+    else:
+        machine = roofline.Machine(float("nan"), float("nan"))
     s = Summary(family=loaded.family, device=dev.describe(device), dtype=dtype_name(dtype),
-                machine=asdict(machine))
+                machine=asdict(machine), kernels=loaded.kernels, threads=torch.get_num_threads())
+    if device.type == "cpu":
+        s.cpu = asdict(dev.cpu_info())
+    log.info("machine: %.1f GB/s streaming; GEMM %s GFLOP/s", machine.bandwidth_gbs,
+             ", ".join(f"{k} {v:.0f}" for k, v in machine.matmul_paths.items()) or "n/a")
     run_once(loaded, image, cfg.image, 1, BenchConfig(**{**asdict(cfg), "max_new_tokens": 4}))   # warm-up
     for b in cfg.batch_sizes:
         rows = [run_once(loaded, image, cfg.image, b, cfg) for _ in range(cfg.repeats)]
@@ -203,7 +224,8 @@ def run(cfg: BenchConfig) -> Summary:
         log.info("batch %d: %.3f images/s, %.1f ms/token", b, s.rows[-1].images_per_s, s.rows[-1].per_token_ms)
     for b in cfg.decode_batch_sizes:
         s.rows.append(decode_only(loaded, image, cfg.image, b, cfg))
-        log.info("decode-only batch %d: %.1f tokens/s", b, s.rows[-1].decode_tokens_per_s)
+        log.info("decode-only batch %d: %.1f tokens/s, %.1f ms/step", b, s.rows[-1].decode_tokens_per_s,
+                 s.rows[-1].per_token_ms)
     _floors(s, loaded, image, cfg, dtype, machine)
     if cfg.baseline:
         s.rows.append(run_baseline(loaded, image, cfg.image, cfg))
@@ -213,20 +235,63 @@ def run(cfg: BenchConfig) -> Summary:
         one = next((r for r in s.rows if r.mode == "ours" and r.batch == 1), None)
         if one:
             s.ratios["batch1_per_token_baseline_vs_ours"] = base.per_token_ms / one.per_token_ms
+    if cfg.stock and device.type == "cpu":
+        del loaded
+        _stock(s, model_dir, image, cfg, dtype, device)
     _write(s, cfg)
     return s
 
 
+def _stock(s: Summary, model_dir: str, image: Image.Image, cfg: BenchConfig, dtype, device) -> None:
+    """The same checkpoint on PyTorch's own CPU paths (F.linear, SDPA), measured in this run:
+    batch 1 and the best batch end to end, and decode-only at the largest decode batch."""
+    import gc
+
+    gc.collect()
+    stock = load_model(model_dir, dtype, device)
+    ours = [r for r in s.rows if r.mode == "ours"]
+    best = max(ours, key=lambda r: r.images_per_s) if ours else None
+    for b in sorted({1, best.batch} if best else {1}):
+        r = run_once(stock, image, cfg.image, b, cfg)
+        r.mode = "stock"
+        s.rows.append(r)
+        log.info("stock batch %d: %.3f images/s, %.1f ms/token", b, r.images_per_s, r.per_token_ms)
+    for b in cfg.decode_batch_sizes[-1:]:
+        r = decode_only(stock, image, cfg.image, b, BenchConfig(**{**asdict(cfg), "max_new_tokens": cfg.stock_decode_tokens}))
+        r.mode = "stock-decode-only"
+        s.rows.append(r)
+        log.info("stock decode-only batch %d: %.1f ms/step", b, r.per_token_ms)
+    find = {(r.mode, r.batch): r for r in s.rows}
+    if best and ("stock", best.batch) in find:
+        s.ratios["e2e_images_per_s_vs_stock"] = best.images_per_s / find[("stock", best.batch)].images_per_s
+    if ("ours", 1) in find and ("stock", 1) in find:
+        o, t = find[("ours", 1)], find[("stock", 1)]
+        s.ratios["batch1_per_token_stock_vs_ours"] = t.per_token_ms / o.per_token_ms
+        s.ratios["prefill_tokens_per_s_vs_stock"] = o.prefill_tokens_per_s / t.prefill_tokens_per_s
+    for b in cfg.decode_batch_sizes[-1:]:
+        if ("decode-only", b) in find and ("stock-decode-only", b) in find:
+            s.ratios[f"batch{b}_per_token_stock_vs_ours"] = (find[("stock-decode-only", b)].per_token_ms
+                                                             / find[("decode-only", b)].per_token_ms)
+    del stock
+
+
 def _floors(s: Summary, loaded: LoadedModel, image: Image.Image, cfg: BenchConfig, dtype, machine) -> None:
+    """The machine's floors for this model and the ratios of our rows to them."""
     llm = loaded.model.llm.cfg
     inp = _inputs(loaded, image, cfg.image, 1, cfg.question)[0]
     n_prompt = len(inp.plan.ids)
     flops = (_vision_flops(loaded, inp) + roofline.prefill_flops(llm, n_prompt)
              + roofline.decode_flops(llm, n_prompt, cfg.max_new_tokens))
-    step_bytes = roofline.decode_step_bytes(llm, dtype, 1, n_prompt + cfg.max_new_tokens // 2)
-    s.floors = {"flops_per_image": flops, "compute_floor_s_per_image": flops / (machine.matmul_gflops * 1e9),
-                "decode_step_bytes_batch1": step_bytes,
-                "decode_step_floor_ms_batch1": 1e3 * step_bytes / (machine.bandwidth_gbs * 1e9)}
+    rate = machine.matmul_gflops * 1e9
+    wbytes = roofline.weight_bytes_per_step(loaded.model.llm)
+    mid = n_prompt + cfg.max_new_tokens // 2                       # the average context of a decode step
+
+    def step_floor_ms(b: int) -> float:
+        return 1e3 * roofline.decode_step_floor_s(llm, wbytes, dtype, b, mid, machine)
+
+    s.floors = {"flops_per_image": flops, "compute_floor_s_per_image": flops / rate,
+                "prefill_floor_tokens_per_s": n_prompt / (roofline.prefill_flops(llm, n_prompt) / rate),
+                "decode_weight_bytes_per_step": wbytes, "decode_step_floor_ms_batch1": step_floor_ms(1)}
     ours = [r for r in s.rows if r.mode == "ours"]
     if ours:
         best = max(ours, key=lambda r: r.images_per_s)
@@ -234,8 +299,13 @@ def _floors(s: Summary, loaded: LoadedModel, image: Image.Image, cfg: BenchConfi
         s.ratios["s_per_image_vs_compute_floor"] = (1 / best.images_per_s) / s.floors["compute_floor_s_per_image"]
         one = next((r for r in ours if r.batch == 1), None)
         if one:
-            s.ratios["batch1_step_vs_bandwidth_floor"] = one.per_token_ms / s.floors["decode_step_floor_ms_batch1"]
+            s.ratios["batch1_step_vs_bandwidth_floor"] = one.per_token_ms / step_floor_ms(1)
             s.ratios["prefill_tokens_per_s_batch1"] = one.prefill_tokens_per_s
+            s.ratios["prefill_floor_vs_ours"] = s.floors["prefill_floor_tokens_per_s"] / one.prefill_tokens_per_s
+    for r in s.rows:
+        if r.mode == "decode-only":
+            s.floors[f"decode_step_floor_ms_batch{r.batch}"] = step_floor_ms(r.batch)
+            s.ratios[f"batch{r.batch}_step_vs_floor"] = r.per_token_ms / step_floor_ms(r.batch)
     dec = [r for r in s.rows if r.batch >= 2]
     if dec:
         s.ratios["best_decode_tokens_per_s"] = max(r.decode_tokens_per_s for r in dec)

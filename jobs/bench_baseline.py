@@ -21,19 +21,25 @@ import torch
 from torch import nn
 
 from models.base import LoadedModel, PixelInputs
+from models.kernels.linear import WideningLinear
 from models.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters by name, with packed Linear weights unpacked back to dense [out, in]."""
+    """Our parameters by name, with packed Linear weights unpacked back to dense [out, in] (in the
+    width they are stored in; the callers cast to the compute dtype)."""
     out = {}
     for name, mod in module.named_modules():
         if isinstance(mod, PackedLinear):
             out[f"{name}.weight"] = mod.packed.to_dense() if mod.packed.is_mkldnn else mod.packed
-            if mod.bias is not None:
-                out[f"{name}.bias"] = mod.bias.detach()
+        elif isinstance(mod, WideningLinear):
+            out[f"{name}.weight"] = mod.dense_weight()
+        else:
+            continue
+        if mod.bias is not None:
+            out[f"{name}.bias"] = mod.bias.detach()
     for name, p in module.named_parameters():
         out.setdefault(name, p.detach())
     return out

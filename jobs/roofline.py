@@ -1,8 +1,9 @@
 """The machine's ceilings and the model's work, for honest "ours vs floor" ratios.
 
 - bandwidth: GB/s of streaming a large tensor (an fp32 sum reads every byte once),
-- matmul rate: GFLOP/s of a large bf16 GEMM through the same Linear path the model uses,
-- model work: FLOPs of vision + prefill + decode, bytes read per decode step.
+- matmul rate: GFLOP/s of a prefill-sized GEMM in the compute dtype through every path this
+  machine has (PyTorch's, oneDNN-packed, our widening kernel); the floor uses the fastest,
+- model work: FLOPs of vision + prefill + decode, bytes read per decode step (weights as stored).
 
 floors: decode step >= (weights + KV read) / bandwidth; a whole captioning job >= FLOPs / rate.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,7 +24,9 @@ from models.vit import ViTConfig
 @dataclass(frozen=True)
 class Machine:
     bandwidth_gbs: float
-    matmul_gflops: float
+    matmul_gflops: float                  # the fastest GEMM path measured for the compute dtype
+    matmul_paths: dict = field(default_factory=dict)     # GFLOP/s of every path measured
+    matmul_shape: tuple = ()              # (M, K, N) of the probe
 
 
 def _median_time(fn, reps: int) -> float:
@@ -36,23 +39,68 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def measure_machine(dtype: torch.dtype = torch.bfloat16, reps: int = 5) -> Machine:
+def _gemm_paths(dtype: torch.dtype, w: torch.Tensor, M: int, ops) -> dict[str, object]:
+    """Every way this machine can run x[M, K] @ w.T in `dtype` that the pipeline could use."""
+    paths: dict[str, object] = {}
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+    paths["torch"] = lin
+    if dtype == torch.bfloat16:
+        from models.packed_linear import PackedLinear
+        try:
+            paths["onednn-bf16-packed"] = PackedLinear(lin, batch_hint=M)
+        except RuntimeError:                       # this CPU cannot reorder bf16 weights
+            pass
+    if dtype == torch.float32:
+        try:                                       # oneDNN's fp32 path (what inductor freezing uses)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), M)
+            paths["onednn-fp32-packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        except (RuntimeError, AttributeError):
+            pass
+        if ops is not None:
+            from models.kernels.linear import WideningLinear
+            paths["widening-bf16-weights"] = WideningLinear(nn.Linear(w.shape[1], w.shape[0], bias=False)
+                                                            .to(torch.bfloat16).requires_grad_(False), ops)
+    return paths
+
+
+def measure_machine(dtype: torch.dtype = torch.bfloat16, reps: int = 5, ops=None) -> Machine:
+    """Streaming bandwidth and the GEMM rate of every path, at a prefill-like shape.
+
+    The compute floor uses the FASTEST path measured, whether or not the model uses it, so a
+    ratio to it says how far the pipeline is from what this machine can do, not from itself."""
     # an fp32 sum does 1 add per 4 bytes read: memory-bound with all cores (a bf16 reduction is not:
     # its conversions make it compute-bound on CPU)
     big = torch.ones(512 * 2**20 // 4, dtype=torch.float32)            # 512 MiB
     t = _median_time(lambda: big.sum(), reps)
     bandwidth = big.numel() * big.element_size() / t / 1e9
     del big
-    M, K, N = 512, 2048, 5504
-    lin = nn.Linear(K, N, bias=False).to(dtype)
-    if dtype == torch.bfloat16:
-        from models.packed_linear import PackedLinear, available
-        if available():
-            lin = PackedLinear(lin, batch_hint=M)
+    M, K, N = 768, 2048, 5504
+    w = torch.randn(N, K)
     x = torch.randn(M, K).to(dtype)
+    rates = {}
     with torch.inference_mode():
-        t = _median_time(lambda: lin(x), reps)
-    return Machine(bandwidth_gbs=bandwidth, matmul_gflops=2 * M * K * N / t / 1e9)
+        for name, fn in _gemm_paths(dtype, w, M, ops).items():
+            rates[name] = 2 * M * K * N / _median_time(lambda: fn(x), reps) / 1e9
+    return Machine(bandwidth_gbs=bandwidth, matmul_gflops=max(rates.values()), matmul_paths=rates,
+                   matmul_shape=(M, K, N))
+
+
+def weight_bytes_per_step(llm: nn.Module) -> int:
+    """Bytes of weights one decode step streams, read off the loaded modules (so the floor uses
+    the widths the model really stores: 16-bit panels, packed bf16, or fp32)."""
+    from models.kernels.linear import WideningLinear
+    from models.packed_linear import PackedLinear
+
+    total = 0
+    for m in llm.modules():
+        if isinstance(m, WideningLinear):
+            total += m.panels.numel() * m.panels.element_size()
+        elif isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * 2
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def vit_flops(c: ViTConfig, n_tokens: int) -> int:
@@ -79,6 +127,9 @@ def kv_bytes_per_token(c: DecoderConfig, dtype: torch.dtype) -> int:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def decode_step_bytes(c: DecoderConfig, dtype: torch.dtype, batch: int, context: int) -> int:
-    """Weights once per step + every row's KV cache up to its context."""
-    return c.weight_bytes(dtype) + batch * context * kv_bytes_per_token(c, dtype)
+def decode_step_floor_s(c: DecoderConfig, weight_bytes: int, kv_dtype: torch.dtype, batch: int, context: int,
+                        m: Machine) -> float:
+    """One decode step can be no faster than streaming the weights once plus every row's KV cache,
+    nor than its FLOPs at the best GEMM rate."""
+    bytes_ = weight_bytes + batch * context * kv_bytes_per_token(c, kv_dtype)
+    return max(bytes_ / (m.bandwidth_gbs * 1e9), batch * c.flops_per_token(context) / (m.matmul_gflops * 1e9))

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jobs.plan import claim_shard
 from models.base import dtype_name
 from pipeline.config import RunConfig
-from pipeline.device import describe, prefers_cpu_kernels
+from pipeline.device import cpu_kernels, describe
 from pipeline.errors import EXIT_INFRA, JobError
 from pipeline.ledger import Ledger, ShardMarker
 from pipeline.progress import Progress
@@ -56,14 +56,14 @@ class ShardWorker:
         self.pool.start()             # spawns now: the workers' start-up (imports, tokenizer) overlaps the model load
         try:
             t0 = time.perf_counter()
-            loaded = load_model(cfg.model, dtype, device, cpu_kernels=prefers_cpu_kernels(device, dtype))
+            loaded = load_model(cfg.model, dtype, device, kernels=cpu_kernels(device, dtype))
             if hasattr(loaded.model, "max_crops_per_call"):
                 loaded.model.max_crops_per_call = cfg.batch.crops_per_call
             self.load_s = time.perf_counter() - t0
             self.encoder = VisionEncoder(loaded)
             self.make_engine = lambda: CaptionEngine(loaded, cfg.decode, cfg.batch)
             self.writer = ShardWriter(ledger, OutputSchema(extra_types, loaded.name, ledger.fingerprint))
-            self.where = f"{describe(device)}, {dtype_name(dtype)}"
+            self.where = f"{describe(device)}, {dtype_name(dtype)}; {loaded.kernels}"
             log.info("model %s (%s) loaded on %s in %.1f s", loaded.name, loaded.family, self.where, self.load_s)
             try:
                 self.pool.wait_ready()

@@ -94,3 +94,4 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     max_context: int
+    kernels: str = "torch"                   # the CPU fast paths in use (set by registry.load_model)

@@ -17,7 +17,7 @@ from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
 from models.decoder import Decoder, DecoderConfig, map_llama_names
-from models.loading import CheckpointError, NameMap, TensorSource, load_into, read_config
+from models.loading import CheckpointError, NameMap, TensorSource, linear_weight_names, load_into, read_config
 from models.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,10 @@ def frontend(model_dir: str | Path, template: str | None = None) -> tuple[BunnyP
     return BunnyProcessor(cfg.image_size), BunnyPrompts(load_tokenizer(model_dir), cfg, template or TEMPLATE)
 
 
-def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+         keep_stored_linears: bool = False) -> LoadedModel:
+    """keep_stored_linears: fp32 compute with Linear weights kept in the checkpoint's 16-bit dtype
+    (they must then be replaced by WideningLinear layers; models/registry.load_model does)."""
     raw = read_config(model_dir)
     cfg = BunnyConfig.from_dict(raw)
     src = TensorSource(model_dir)
@@ -233,7 +236,8 @@ def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Loa
     nm.ignore(dropped)
     with torch.device("meta"):
         model = Bunny(cfg)
-    load_into(model, src, nm, dtype=dtype, device=device)
+    load_into(model, src, nm, dtype=dtype, device=device,
+              keep_stored=linear_weight_names(model) if keep_stored_linears else None)
     model.eval()
     tok = load_tokenizer(model_dir)
     return LoadedModel(family="bunny", name=cfg.name, model=model, processor=BunnyProcessor(cfg.image_size),

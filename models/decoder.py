@@ -193,7 +193,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        # optional fused decode attention (models/decode_attention.py), set by the loader when the
+        # optional decode-attention kernel (models/kernels/attention.py), set by the loader when the
         # device/dtype policy asks for it; None = SDPA
         self.decode_attention = None
 
@@ -234,7 +234,7 @@ class Decoder(nn.Module):
         if decoding and kv_len is None:
             raise ValueError("a cached decode step needs kv_len")
         rows = (torch.arange(B, device=x.device) if slots is None else slots) if decoding else None
-        kernel = self.decode_attention if decoding and x.dtype == torch.bfloat16 else None
+        kernel = self.decode_attention if decoding and x.dtype in (torch.float32, torch.bfloat16) else None
         # the SDPA path's mask; the kernel takes lengths instead (it is used only for slots=None and
         # no GQA, so the mask is still built for the other decode cases)
         needs_mask = decoding and (kernel is None or slots is not None or self.cfg.n_heads != self.cfg.n_kv_heads)

@@ -129,11 +129,22 @@ class NameMap:
         self.ignored.update(names)
 
 
+STORED_16BIT = (torch.bfloat16, torch.float16)
+
+
+def linear_weight_names(module: nn.Module) -> set[str]:
+    """Names of the weights of the plain nn.Linear layers (the ones the widening GEMM replaces)."""
+    return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if type(m) is nn.Linear}
+
+
 def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: torch.dtype,
-              device: torch.device | str = "cpu") -> set[str]:
+              device: torch.device | str = "cpu", keep_stored: set[str] | None = None) -> set[str]:
     """Fill `module` (built on the meta device or not) from `src`; strict both ways.
 
-    Returns the set of checkpoint names that were loaded. Floating tensors are cast to `dtype`.
+    Returns the set of checkpoint names that were loaded. Floating tensors are cast to `dtype`,
+    except the parameters named in `keep_stored` when `dtype` is fp32 and the checkpoint stores
+    them in bf16/fp16: those keep the stored dtype (the widening GEMM computes with them in fp32;
+    models/kernels/linear.py), which halves their memory and is exact.
     """
     params = dict(module.named_parameters())
     params.update(dict(module.named_buffers()))
@@ -149,7 +160,9 @@ def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: to
         if tuple(t.shape) != want:
             raise CheckpointError(f"tensor {'+'.join(rule.sources)} has shape {tuple(t.shape)}, "
                                   f"the architecture from config.json expects {want}")
-        if t.is_floating_point():
+        keep = (keep_stored is not None and rule.target in keep_stored and dtype == torch.float32
+                and t.dtype in STORED_16BIT)
+        if t.is_floating_point() and not keep:
             t = t.to(dtype)
         state[rule.target] = t.to(device).contiguous()
     missing = [n for n, p in module.named_parameters() if n not in state]

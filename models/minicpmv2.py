@@ -19,7 +19,7 @@ from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
 from models.decoder import Decoder, DecoderConfig, map_llama_names, residual_scale
-from models.loading import CheckpointError, NameMap, TensorSource, load_into, read_config
+from models.loading import CheckpointError, NameMap, TensorSource, linear_weight_names, load_into, read_config
 from models.minicpmv2_slicing import MiniCPMV2Processor, SliceConfig
 from models.minicpmv2_tokenizer import SlowLlamaTokenizer
 from models.resampler import Resampler
@@ -276,12 +276,16 @@ def frontend(model_dir: str | Path, template: str | None = None) -> tuple[MiniCP
     return MiniCPMV2Processor(cfg.slicing), MiniCPMV2Prompts(load_tokenizer(model_dir), cfg, template or TEMPLATE)
 
 
-def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+         keep_stored_linears: bool = False) -> LoadedModel:
+    """keep_stored_linears: fp32 compute with Linear weights kept in the checkpoint's 16-bit dtype
+    (they must then be replaced by WideningLinear layers; models/registry.load_model does)."""
     cfg = MiniCPMV2Config.from_dict(read_config(model_dir))
     src = TensorSource(model_dir)
     with torch.device("meta"):
         model = MiniCPMV2(cfg)
-    load_into(model, src, name_map(cfg), dtype=dtype, device=device)
+    load_into(model, src, name_map(cfg), dtype=dtype, device=device,
+              keep_stored=linear_weight_names(model) if keep_stored_linears else None)
     model.eval()
     tok = load_tokenizer(model_dir)
     if tok.vocab_size != cfg.llm.vocab_size:

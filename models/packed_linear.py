@@ -7,7 +7,9 @@ freezes a CPU graph) lets the GEMV/GEMM stream weights at ~55-60 GB/s and reach 
 M >= 64. Results equal F.linear bit for bit at decode sizes (tested); for large M the
 reduction may be blocked differently (bf16 rounding-level differences, same greedy tokens).
 
-Only used for bfloat16 on CPU when oneDNN is available; everything else keeps nn.Linear.
+Only used for bfloat16 on CPUs with native bf16 (pipeline/device.cpu_kernels decides: oneDNN's
+bf16 reorder refuses to run without AVX-512 BW/VL/DQ or AVX-NE-CONVERT); everything else keeps
+nn.Linear.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ def pack_linears(module: nn.Module, batch_hint: int = 16) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child, batch_hint))
+                try:
+                    packed = PackedLinear(child, batch_hint)
+                except RuntimeError as e:    # this CPU lacks what oneDNN's bf16 reorder needs
+                    if n:
+                        raise
+                    log.warning("oneDNN bf16 linear packing unavailable here (%s); keeping nn.Linear",
+                                str(e).splitlines()[0][:200])
+                    return 0
+                setattr(parent, name, packed)
                 n += 1
     log.debug("packed %d linear layers for oneDNN", n)
     return n

@@ -76,20 +76,36 @@ def load_frontend(model_dir: str | Path, template: str | None = None):
     return module.frontend(model_dir, template)
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device,
-               cpu_kernels: bool = False) -> LoadedModel:
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, kernels=None) -> LoadedModel:
     """Load any supported checkpoint folder; the family is picked from config.json.
 
-    cpu_kernels: the CPU bf16 fast paths — Linear weights reordered into oneDNN's layout and the
-    compiled decode-attention kernel (each skipped, with a log line, where unavailable). The
-    caller decides with pipeline.device.prefers_cpu_kernels, the one place that knows devices.
+    kernels: the CPU fast paths to apply (a pipeline.device.CpuKernels: `.isa`, `.linear`,
+    `.attention`), decided by the device module, the one place that knows devices; None = plain
+    PyTorch. Where our kernels cannot be built here, the torch paths are kept (one warning) and
+    `LoadedModel.kernels` says what actually runs.
     """
     module = importlib.import_module(FAMILIES[family_of(model_dir)])
-    loaded = module.load(model_dir, dtype, device)
-    if cpu_kernels:
-        from models import decode_attention
+    if kernels is None:
+        loaded = module.load(model_dir, dtype, device)
+        loaded.kernels = "torch"
+        return loaded
+    from models.kernels import build
+
+    ops = build.load(kernels.isa) if "widening" == kernels.linear or kernels.attention == "kernel" else None
+    linear = kernels.linear if (kernels.linear != "widening" or ops is not None) else "torch"
+    attention = kernels.attention if ops is not None else "sdpa"
+    loaded = module.load(model_dir, dtype, device, keep_stored_linears=linear == "widening")
+    if linear == "widening":
+        from models.kernels.linear import widen_linears
+        counts = widen_linears(loaded.model, ops)
+        linear = "widening (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + " weights)"
+    elif linear == "onednn-bf16":
         from models.packed_linear import pack_linears
-        pack_linears(loaded.model)
-        if decode_attention.load() is not None:
-            loaded.model.llm.decode_attention = decode_attention.decode_attention
+        if pack_linears(loaded.model) == 0:
+            linear = "torch"
+    if attention == "kernel":
+        from models.kernels.attention import decode_attention
+        loaded.model.llm.decode_attention = decode_attention(ops)
+        attention = f"kernel ({kernels.isa})"
+    loaded.kernels = f"linear {linear}, decode attention {attention}"
     return loaded

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -72,13 +74,115 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda[:i] or npu[:i]")
 
 
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls are native and fast on this CPU."""
+# -- the CPU: one place that knows its ISA ------------------------------------------------------
+# Kernel ISA levels, lowest first (models/kernels/build.py compiles one extension per level).
+ISA_LEVELS = ("none", "avx2", "avx512bf16")
+ISA_NEEDS = {"avx2": {"avx2", "fma", "f16c"},
+             "avx512bf16": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}}
+FORCE_ISA_ENV = "VLMCAP_CPU_ISA"      # force a LOWER level (tests, or to compare paths); never a higher one
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str                  # /proc/cpuinfo "model name"
+    torch_capability: str       # torch.backends.cpu.get_cpu_capability(): DEFAULT | AVX2 | AVX512 | ...
+    native_isa: str             # the highest ISA level the CPU supports
+    isa: str                    # the level in use (native unless forced lower)
+    amx: bool                   # AMX-BF16 tiles (Sapphire Rapids and later)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matmuls run natively (AVX-512-BF16 or AMX); also what oneDNN's bf16 weight reorder
+        needs (it refuses to run on plain AVX2)."""
+        return self.isa == "avx512bf16"
+
+    def describe(self) -> str:
+        forced = f" (forced; CPU has {self.native_isa})" if self.isa != self.native_isa else ""
+        return f"{self.model}, ISA {self.isa}{forced}, torch {self.torch_capability}{', AMX' if self.amx else ''}"
+
+
+def _cpu_flags() -> tuple[str, set[str]]:
     try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+        text = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
     except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+        return "unknown CPU", set()
+    model, flags = "unknown CPU", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> CpuInfo:
+    """What this CPU can run (cached; `cpu_info.cache_clear()` after changing VLMCAP_CPU_ISA)."""
+    model, flags = _cpu_flags()
+    native = "none"
+    for level in ISA_LEVELS[1:]:
+        if ISA_NEEDS[level] <= flags:
+            native = level
+    isa = native
+    forced = os.environ.get(FORCE_ISA_ENV, "").strip().lower()
+    if forced:
+        if forced not in ISA_LEVELS:
+            log.warning("%s=%s ignored: use one of %s", FORCE_ISA_ENV, forced, ", ".join(ISA_LEVELS))
+        elif ISA_LEVELS.index(forced) > ISA_LEVELS.index(native):
+            log.warning("%s=%s ignored: this CPU only supports %s", FORCE_ISA_ENV, forced, native)
+        else:
+            isa = forced
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return CpuInfo(model=model, torch_capability=capability, native_isa=native, isa=isa,
+                   amx="amx_bf16" in flags and isa == "avx512bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are native and fast on this CPU (at the ISA level in use)."""
+    return cpu_info().native_bf16
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """Which CPU fast paths a model uses; decided here, applied by models/registry.load_model.
+
+    linear:    "onednn-bf16"  bf16 weights pre-reordered for oneDNN (native bf16 CPUs, bf16 dtype)
+               "widening"     fp32 compute, weights kept as the checkpoint stores them (16-bit) and
+                              widened in the GEMM kernel (any AVX2 CPU, fp32 dtype)
+               "torch"        PyTorch's own F.linear
+    attention: "kernel"       our decode-attention kernel (fp32 or bf16 KV cache)
+               "sdpa"         PyTorch's scaled_dot_product_attention
+    isa:       which build of our kernels ("avx2" | "avx512bf16" | "none")
+    """
+
+    isa: str
+    linear: str
+    attention: str
+
+    def describe(self) -> str:
+        return f"linear {self.linear}, decode attention {self.attention} (kernels: {self.isa})"
+
+
+def cpu_kernels(device: torch.device, dtype: torch.dtype) -> CpuKernels | None:
+    """The CPU fast paths for this device/dtype (None off the CPU). Where our kernels cannot be
+    built, the loader falls back to the torch paths with one warning."""
+    if device.type != "cpu":
+        return None
+    info = cpu_info()
+    kernels = info.isa != "none"
+    if dtype == torch.bfloat16:
+        linear = "onednn-bf16" if info.native_bf16 else "torch"
+    elif dtype == torch.float32:
+        linear = "widening" if kernels else "torch"
+    else:
+        linear = "torch"
+    attention = "kernel" if kernels and dtype in (torch.float32, torch.bfloat16) else "sdpa"
+    return CpuKernels(isa=info.isa, linear=linear, attention=attention)
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -100,12 +204,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def prefers_cpu_kernels(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on CPU: use the CPU fast paths (oneDNN-prepacked Linear weights, 2x the weight
-    bandwidth at decode batch sizes; our decode-attention kernel, 8x PyTorch's bf16 SDPA there)."""
-    return device.type == "cpu" and dtype == torch.bfloat16
-
-
 def set_threads(n: int | None) -> None:
     """CPU threads for intra-op parallelism (default: what torch picked, i.e. all cores)."""
     if n:
@@ -121,7 +219,7 @@ def synchronize(device: torch.device) -> None:
 
 def describe(device: torch.device) -> str:
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, bf16 {'native' if cpu_has_bf16() else 'emulated'})"
+        return f"cpu ({cpu_info().describe()}; {torch.get_num_threads()} threads)"
     if device.type == "cuda":
         return f"cuda:{device.index} ({torch.cuda.get_device_name(device)})"
     if device.type == "npu":

@@ -32,8 +32,8 @@ CACHE = os.environ.get("VLM_RANDOM_CKPT_DIR", os.path.expanduser("~/.cache/vlm-c
 def test_bunny_full_size_random_weights_captions_in_bf16():
     path = write_random_checkpoint("bunny", os.path.join(CACHE, "bunny"))
     t0 = time.perf_counter()
-    lm = load_model(path, torch.bfloat16, torch.device("cpu"), cpu_kernels=dev.prefers_cpu_kernels(
-        torch.device("cpu"), torch.bfloat16))
+    lm = load_model(path, torch.bfloat16, torch.device("cpu"), kernels=dev.cpu_kernels(torch.device("cpu"),
+                                                                                      torch.bfloat16))
     load_s = time.perf_counter() - t0
     c = lm.model.llm.cfg
     assert (c.hidden_size, c.n_layers, c.vocab_size, len(lm.model.vision.blocks)) == (2048, 24, 151646, 26)

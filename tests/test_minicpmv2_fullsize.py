@@ -44,11 +44,11 @@ def _peak_rss_gib() -> float:
 def smoke(ckpt: Path, dtype: torch.dtype, n_new: int) -> dict:
     """Load, caption one 640x480 image greedily through the KV cache; return timings and shapes."""
     from models.registry import load_model
-    from pipeline.device import prefers_cpu_kernels
+    from pipeline.device import cpu_kernels
 
     t0 = time.perf_counter()
     cpu = torch.device("cpu")
-    lm = load_model(ckpt, dtype, cpu, cpu_kernels=prefers_cpu_kernels(cpu, dtype))   # the pipeline's load path
+    lm = load_model(ckpt, dtype, cpu, kernels=cpu_kernels(cpu, dtype))   # the pipeline's load path
     load_s = time.perf_counter() - t0
     m, cfg = lm.model, lm.model.cfg.llm
 

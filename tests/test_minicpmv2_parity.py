@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import FP32_PATHS, load_fp32
 from models.kv_cache import CacheShape, KVCache
 
 ROOT = Path(__file__).parent / "golden" / "minicpmv2-tiny"
@@ -31,10 +32,9 @@ def tensors() -> dict[str, torch.Tensor]:
     return load_file(str(ROOT / "expected.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    from models import minicpmv2
-    return minicpmv2.load(ROOT / "checkpoint", torch.float32, torch.device("cpu"))
+@pytest.fixture(scope="module", params=FP32_PATHS)
+def loaded(request):
+    return load_fp32(ROOT / "checkpoint", request.param)
 
 
 def _image(case: dict) -> Image.Image:
