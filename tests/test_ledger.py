@@ -7,6 +7,8 @@ import os
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import fingerprint as fp
 from pipeline.config import ArraySlice
@@ -260,3 +262,76 @@ def test_remove_temps_takes_only_that_shards_temps(tmp_path):
         (led.shards / name).write_bytes(b"x")
     assert led.remove_temps(0) == 2
     assert sorted(p.name for p in led.shards.iterdir()) == [".00001.parquet.2-cc.tmp", ".run.json.3-dd.tmp"]
+
+
+# -- generated damage: whatever run.json or a marker holds, the answer is a valid record or a refusal --
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+
+
+def _mutations(doc: dict):
+    """A document with one field (or one layout field) replaced, dropped, or added."""
+    paths = [(k,) for k in doc] + [("layout", k) for k in doc.get("layout", {})]
+    return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "drop"]), JSON).map(
+        lambda t: _mutate(doc, *t)) | st.tuples(st.text(max_size=6), JSON).map(lambda t: {**doc, t[0]: t[1]})
+
+
+def _mutate(doc: dict, path: tuple, how: str, value) -> dict:
+    out = json.loads(json.dumps(doc))
+    where = out if len(path) == 1 else out[path[0]]
+    if how == "drop":
+        where.pop(path[-1])
+    else:
+        where[path[-1]] = value
+    return out
+
+
+def _documents(valid: dict):
+    return (st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode())
+            | _mutations(valid).map(lambda d: json.dumps(d).encode()))
+
+
+def _check_run_json(root, valid: dict, data: bytes) -> None:
+    (root / "run.json").write_bytes(data)
+    try:
+        run = Ledger(root).read_run()
+    except JobError as e:
+        assert "\n" not in str(e) and "run.json" in str(e)
+        return
+    assert json.loads(data) == {**valid, **json.loads(data)}      # accepted: only a valid document
+    assert run.layout.n_shards >= 1
+
+
+def _check_marker(led: Ledger, valid: dict, data: bytes) -> None:
+    led.marker_path(0).write_bytes(data)
+    m = led.marker(0)                                              # never raises
+    assert m is None or (m.shard == 0 and m.file == valid["file"] and m.sha256 == valid["sha256"]
+                         and m.bytes == valid["bytes"] and m.fingerprint == valid["fingerprint"])
+    assert led.pending(ArraySlice()) in ([0, 1, 2], [1, 2])
+
+
+def _property(check, examples: int):
+    def run(tmp_path):
+        led = _open(tmp_path / "run")
+        _commit(led, 0)
+        if check is _check_run_json:
+            target, path = tmp_path / "run", tmp_path / "run" / "run.json"
+        else:
+            target, path = led, led.marker_path(0)
+        valid = json.loads(path.read_text())
+
+        @settings(max_examples=examples, deadline=None, derandomize=True)
+        @given(doc=_documents(valid))
+        def each(doc):                  # only the one file changes between examples
+            check(target, valid, doc)
+
+        each()
+    return run
+
+
+test_any_run_json_is_read_or_refused_in_one_line = _property(_check_run_json, 200)
+test_any_marker_is_valid_for_its_shard_or_ignored = _property(_check_marker, 200)
+test_any_run_json_more_examples = pytest.mark.slow(_property(_check_run_json, 5000))
+test_any_marker_more_examples = pytest.mark.slow(_property(_check_marker, 5000))
