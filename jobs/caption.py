@@ -27,7 +27,11 @@ PASSES = 2          # the second only redoes shards set aside by finish()'s veri
 
 
 def run_caption(cfg: RunConfig) -> int:
-    plan = prepare(cfg)
+    if cfg.engine == "ray":             # the models run on the cluster's workers: resolved there
+        from jobs.caption_ray import resolve_on_cluster
+        plan = prepare(cfg, resolve_on_cluster)
+    else:
+        plan = prepare(cfg)
     handler = add_log_file(plan.ledger.logs, "caption")
     try:
         summaries: list[RunSummary] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -126,15 +126,10 @@ def probe(cfg: RunConfig, prompt: Prompt, context: int) -> Preprocessor:
     return front
 
 
-def _resolve_device(cfg: RunConfig) -> tuple[Any, torch.dtype]:
-    try:
-        if cfg.engine == "ray":         # the models run on the cluster's workers: resolve there
-            from jobs.caption_ray import resolve_on_cluster
-            return resolve_on_cluster(cfg)
-        device = resolve_device(cfg.device)
-        return device, resolve_dtype(cfg.dtype, device)
-    except DeviceError as e:
-        raise JobError(str(e)) from None
+def local_device(cfg: RunConfig) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype resolved in this process (the local loop runs the models here)."""
+    device = resolve_device(cfg.device)
+    return device, resolve_dtype(cfg.dtype, device)
 
 
 def _config_record(cfg: RunConfig, prompt: Prompt, device: Any, dtype: str) -> dict:
@@ -143,15 +138,19 @@ def _config_record(cfg: RunConfig, prompt: Prompt, device: Any, dtype: str) -> d
     return d
 
 
-def prepare(cfg: RunConfig) -> RunPlan:
+def prepare(cfg: RunConfig, where: Callable[[RunConfig], tuple[Any, torch.dtype]] = local_device) -> RunPlan:
     """Validate the run, then create or join its run dir (run.json): nothing is written before
-    every check has passed."""
+    every check has passed. `where` resolves --device/--dtype where the models will run (this
+    process, or a Ray worker: the distributor knows)."""
     manifest = read_manifest(cfg.manifest)
     family = model_family(cfg.model)
     context = check_model(cfg.model)
     prompt = resolve_prompt(cfg, family)
     front = probe(cfg, prompt, context)
-    device, dtype = _resolve_device(cfg)
+    try:
+        device, dtype = where(cfg)
+    except DeviceError as e:
+        raise JobError(str(e)) from None
     finger = fp.make(fp.model_identity(cfg.model), family, prompt.question, getattr(front.prompts, "template", None),
                      prompt.preset, asdict(cfg.decode), dtype_name(dtype), asdict(cfg.limits), code_versions())
     ledger = Ledger(cfg.out)
@@ -182,21 +181,6 @@ def plan_work(plan: RunPlan) -> list[ShardWork]:
                                      keep=table.filter(ok)))
     work = [ShardWork(s, tuple(manifest.refs(s, cfg.shard_size))) for s in ledger.pending(cfg.array)]
     return sorted(work + retries, key=lambda w: w.shard)
-
-
-def claim_shard(ledger: Ledger, w: ShardWork):
-    """Lock the shard and re-check it is still to do; None = skip it (another process has it or did
-    it). Under the lock, the temp files a killed writer left for this shard are removed."""
-    lock = ledger.try_lock(w.shard)
-    if lock is None:
-        log.info("shard %d is being worked on by another process; skipping it", w.shard)
-        return None
-    ledger.remove_temps(w.shard)
-    m = ledger.marker(w.shard)
-    if m is not None and m.attempt >= w.attempt:      # committed meanwhile by another process
-        lock.release()
-        return None
-    return lock
 
 
 def finish(ledger: Ledger) -> tuple[bool, list[int]]:

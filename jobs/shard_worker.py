@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs.plan import claim_shard
 from models.base import dtype_name
 from pipeline.config import RunConfig
 from pipeline.device import cpu_kernels, describe
@@ -35,6 +34,21 @@ from stages.preprocess import Preprocessor
 from stages.write import ShardWriter
 
 log = logging.getLogger(__name__)
+
+
+def claim_shard(ledger: Ledger, w: ShardWork):
+    """Lock the shard and re-check it is still to do; None = skip it (another process has it or did
+    it). Under the lock, the temp files a killed writer left for this shard are removed."""
+    lock = ledger.try_lock(w.shard)
+    if lock is None:
+        log.info("shard %d is being worked on by another process; skipping it", w.shard)
+        return None
+    ledger.remove_temps(w.shard)
+    m = ledger.marker(w.shard)
+    if m is not None and m.attempt >= w.attempt:      # committed meanwhile by another process
+        lock.release()
+        return None
+    return lock
 
 
 class ShardWorker:
