@@ -132,7 +132,7 @@ def test_same_command_resumes_killed_ray_run(killed_ray_run, tmp_path):
     cmd = [str(out) if a == str(src) else a for a in cmd]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert f"to do: {SHARDS - len(before)} shard(s)" in r.stderr
+    assert f"this process: {SHARDS - len(before)} shard(s) to do" in r.stderr
     after = markers(out)
     assert {k: after[k] for k in before} == before                 # committed shards were not redone
     _, ref = reference_run()
