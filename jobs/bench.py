@@ -27,14 +27,15 @@ import torch
 from PIL import Image
 
 from jobs import roofline
-from models.base import LoadedModel
+from models.base import LoadedModel, dtype_name
 from models.random_checkpoint import write_random_checkpoint
 from models.registry import load_model
 from pipeline import device as dev
 from pipeline.config import DecodeConfig
-from pipeline.records import ImageInputs, ImageRef
+from pipeline.records import ImageRef
 from stages.caption.engine import CaptionEngine, EngineOptions
 from stages.encode import VisionEncoder
+from stages.records import ImageInputs
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def run(cfg: BenchConfig) -> Summary:
         machine = roofline.measure_machine(dtype, ops=build.load(dev.cpu_info().isa))
     else:
         machine = roofline.Machine(float("nan"), float("nan"))
-    s = Summary(family=loaded.family, device=dev.describe(device), dtype=str(dtype).removeprefix("torch."),
+    s = Summary(family=loaded.family, device=dev.describe(device), dtype=dtype_name(dtype),
                 machine=asdict(machine), kernels=loaded.kernels, threads=torch.get_num_threads())
     if device.type == "cpu":
         s.cpu = asdict(dev.cpu_info())

@@ -1,12 +1,12 @@
-"""`pipeline caption --engine ray`: the local engine's shards, commits and run dir, with the model
-stages fanned out over Ray actors (pipeline/distribute.py).
+"""`pipeline caption --engine ray`: the pending shards fanned out over Ray actors
+(pipeline/distribute.py), each holding one ShardWorker (jobs/shard_worker.py).
 
-The driver (this process) does everything run_caption does before a model is needed: manifest,
-prompt, fingerprint, run.json, the pending shards. It never loads the model. Each actor loads the
-model once and runs whole shards through the local Runner and ShardWriter, so a shard is claimed
-(flock), written (temp file, fsync, rename) and marked done exactly as in a local run, by the
-process that captioned it. That is what makes the engines interchangeable on one run dir: a local
-run resumes a Ray run and a Ray run resumes a local one, with the same command.
+The driver (this process) plans exactly like a local run (jobs/plan.py: checks, run.json, the
+pending shards) and never loads the model. Each actor builds the same ShardWorker the local loop
+uses and runs one shard per call, so a shard is claimed (flock), written (temp file, fsync,
+rename) and marked done exactly as in a local run, by the process that captioned it. That is what
+makes the engines interchangeable on one run dir: a local run resumes a Ray run and a Ray run
+resumes a local one, with the same command.
 
 Every node must see the run dir, the model folder and the images at the same paths (shared storage;
 docs/SCALING.md); the actors check the first two and one image before they take work.
@@ -19,31 +19,28 @@ import os
 import socket
 import time
 from collections import defaultdict
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jobs.caption import (ENCODE_BATCH, Prompt, build_model_stages, claim_shard, finish, plan_work, preprocess_pool,
-                          report_end)
+from jobs.plan import RunPlan
+from jobs.shard_worker import ShardWorker, combine
+from models.base import dtype_name
 from pipeline import distribute
 from pipeline import fingerprint as fp
 from pipeline.config import RunConfig
-from pipeline.device import (DTYPES, cluster_device_kind, describe, device_kind,
-                             ray_actor_options, resolve_device, resolve_dtype, set_threads)
+from pipeline.device import (DTYPES, cluster_device_kind, device_kind, ray_actor_options, resolve_device,
+                             resolve_dtype, set_threads)
 from pipeline.errors import JobError
 from pipeline.ledger import Ledger
 from pipeline.manifest import Manifest
 from pipeline.progress import Progress, add_log_file, setup_logging
-from pipeline.runner import Runner, RunSummary, ShardWork, Stages
-from stages.preprocess import Preprocessor
+from pipeline.runner import RunSummary, ShardWork
 
 log = logging.getLogger(__name__)
 
-ACCEL_WORKERS = 2        # preprocessing processes per GPU/NPU actor without --workers (~30 img/s each)
 BUSY_RETRY_S = 2.0       # a shard locked by another process is offered again after this long...
 BUSY_RETRIES = 5         # ...this many times: a killed run's actors release their locks within a second
 
@@ -64,9 +61,8 @@ def plan_actors(cfg: RunConfig, kind: str, per_node: list[dict[str, float]]) -> 
     if kind == "cpu":
         cpus = cfg.threads or max(1, int(min((n.get("CPU", 0.0) for n in per_node if n.get("CPU", 0.0) >= 1),
                                              default=1)))
-        workers = cfg.workers if cfg.workers is not None else max(1, min(8, cpus // 2))
-        return ActorPlan(kind, cpus, workers, ray_actor_options(kind, cpus))
-    workers = cfg.workers if cfg.workers is not None else ACCEL_WORKERS
+        return ActorPlan(kind, cpus, cfg.batch.preprocess_workers(cpus), ray_actor_options(kind, cpus))
+    workers = cfg.batch.preprocess_workers(0, accelerator=True)
     accel = next(k for k in distribute.demand(ray_actor_options(kind, 1)) if k != "CPU")
     ratios = [n.get("CPU", 0.0) / n[accel] for n in per_node if n.get(accel, 0.0) >= 1]
     cpus = max(1, min(1 + workers, int(min(ratios, default=1))))
@@ -100,7 +96,7 @@ class RemoteDevice:
 def _probe(kind: str, dtype_spec: str) -> tuple[str, str]:
     """On a worker like the actors': the device it gets and the dtype 'auto' means there."""
     device = resolve_device(kind)
-    return str(device), str(resolve_dtype(dtype_spec, device)).removeprefix("torch.")
+    return str(device), dtype_name(resolve_dtype(dtype_spec, device))
 
 
 def resolve_on_cluster(cfg: RunConfig) -> tuple[RemoteDevice, torch.dtype]:
@@ -119,89 +115,47 @@ def resolve_on_cluster(cfg: RunConfig) -> tuple[RemoteDevice, torch.dtype]:
     return RemoteDevice(dev_type, int(index) if index else None), DTYPES[dtype]
 
 
-class ShardWorker:
-    """One model on one device inside a Ray actor; runs whole shards through the local Runner."""
+class ActorWorker:
+    """Inside a Ray actor: checks that this node sees the run's inputs, then holds one ShardWorker
+    and runs one shard per call."""
 
-    def __init__(self, cfg: RunConfig, prompt: Prompt, kind: str, dtype_name: str, extra_types: dict,
-                 plan: ActorPlan, sample_image: str | None):
+    def __init__(self, cfg: RunConfig, question: str, template: str | None, kind: str, dtype_spec: str,
+                 extra_types: dict, plan: ActorPlan, sample_image: str | None):
         setup_logging()
         host = socket.gethostname()
-        self.ledger = Ledger(cfg.out)
+        ledger = Ledger(cfg.out)
         try:
-            self.ledger.read_run()
+            ledger.read_run()
         except JobError as e:
             raise JobError(f"on node {host}: {e}; the run dir must be on storage every Ray node mounts "
                            f"at the same path") from None
-        add_log_file(self.ledger.logs, "caption-actor")
-        _check_same_inputs(cfg.model, self.ledger.run, sample_image, host)
+        add_log_file(ledger.logs, "caption-actor")
+        _check_same_inputs(cfg.model, ledger.run.fingerprint_parts, sample_image, host)
         device = resolve_device(kind)
-        dtype = resolve_dtype(dtype_name, device)
         set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
-        ms = build_model_stages(cfg, self.ledger, extra_types, device, dtype)
-        self.where = (f"{host} pid {os.getpid()}, {describe(device)}, {dtype_name}, model loaded in {ms.load_s:.1f} s; "
-                      f"{ms.loaded.kernels}")
-        self.writer, self.encoder, self.make_engine = ms.writer, ms.encoder, ms.make_engine
-        pre = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
-        # the pool lives as long as the actor (its processes are spawned once, not per shard) and is
-        # entered like the local engine's, so a pool that cannot start fails the actor's start
-        self._resources = ExitStack()
-        self.pool = self._resources.enter_context(preprocess_pool(pre, plan.workers))
+        # the worker (its pool included) lives as long as the actor: processes spawned once, not per shard
+        self.worker = ShardWorker(cfg, question, template, ledger, extra_types, device,
+                                  resolve_dtype(dtype_spec, device), plan.workers)
+        self.where = f"{host} pid {os.getpid()}, {self.worker.where}, model loaded in {self.worker.load_s:.1f} s"
 
     def process(self, work: ShardWork) -> RunSummary:
         """Claim, caption and commit one shard: the local engine's code path, one shard per call."""
-        stages = Stages(pool=self.pool, encode=self.encoder, make_engine=self.make_engine,
-                        claim=partial(claim_shard, self.ledger), release=lambda lock: lock.release(),
-                        commit=self.writer.commit, progress=Progress(len(work.refs), quiet=True),
-                        encode_batch=ENCODE_BATCH)
-        return Runner(stages).run([work])
+        return self.worker.run([work], Progress(len(work.refs), quiet=True))
 
 
-def _check_same_inputs(model: str, run: dict, sample_image: str | None, host: str) -> None:
+def _check_same_inputs(model: str, parts: dict, sample_image: str | None, host: str) -> None:
     """A node that sees a different checkpoint (or none) at the model path, or not the images, would
     write wrong or all-'missing' shards under this run's fingerprint: refuse to start instead."""
     try:
         files = fp.model_identity(model)
     except OSError as e:
         files = {"<error>": str(e)}
-    if files != run.get("fingerprint_parts", {}).get("model_files"):
+    if files != parts.get("model_files"):
         raise JobError(f"on node {host}: the model folder {model} is missing or holds different files than "
                        f"where the run was started; every node needs the same checkpoint at the same path")
     if sample_image is not None and not os.path.exists(sample_image):
         raise JobError(f"on node {host}: image {sample_image} is not there; every node needs the images at "
                        f"the same paths (shared storage)")
-
-
-@dataclass
-class _Totals:
-    """RunSummary fields summed over the shards the actors report."""
-
-    committed: list[int] = field(default_factory=list)
-    failed: list[tuple[int, str]] = field(default_factory=list)
-    busy: list[int] = field(default_factory=list)
-    not_started: list[int] = field(default_factory=list)
-    images: int = 0
-    status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    new_tokens: int = 0
-    stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    def add(self, s: RunSummary) -> None:
-        self.committed += s.committed
-        self.failed += s.failed
-        self.not_started += s.not_started
-        self.images += s.images
-        self.new_tokens += s.new_tokens
-        for k, v in s.status.items():
-            self.status[k] += v
-        for k, v in s.stages.items():
-            self.stages[k] += v
-
-    def summary(self, wall_s: float, actors: int) -> RunSummary:
-        # stage seconds averaged over the actors, so log_summary's "model busy" share reads per actor
-        n = max(1, actors)
-        return RunSummary(committed=tuple(self.committed), failed=tuple(self.failed), busy=tuple(self.busy),
-                          not_started=tuple(self.not_started), images=self.images, status=dict(self.status),
-                          new_tokens=self.new_tokens, wall_s=wall_s,
-                          stages={k: v / n for k, v in self.stages.items()})
 
 
 def _sample_image(manifest: Manifest) -> str | None:
@@ -213,16 +167,10 @@ def _sample_image(manifest: Manifest) -> str | None:
     return None
 
 
-def run_ray(cfg: RunConfig, manifest: Manifest, ledger: Ledger, device: RemoteDevice, dtype: torch.dtype,
-            prompt: Prompt) -> int:
-    ledger.remove_stale_temp(cfg.array)
-    work = plan_work(cfg, manifest, ledger)
+def run_ray(run: RunPlan, work: list[ShardWork]) -> RunSummary:
+    """The shards on Ray actors; the summary of what they did."""
+    cfg, ledger, device = run.cfg, run.ledger, run.device
     n_shards = ledger.layout.n_shards
-    log.info("run %s: %d images in %d shards of %d; to do: %d shard(s)%s", ledger.root, len(manifest), n_shards,
-             cfg.shard_size, len(work), f" (array task {cfg.array.index}/{cfg.array.total})" if cfg.array.total > 1 else "")
-    if not work:
-        finish(ledger)
-        return 0
     plan, fits = fitting_plan(cfg, device.type, distribute.nodes())
     count = min(cfg.ray_actors or fits, len(work))
     if cfg.ray_actors and cfg.ray_actors > fits:
@@ -231,15 +179,16 @@ def run_ray(cfg: RunConfig, manifest: Manifest, ledger: Ledger, device: RemoteDe
     log.info("ray: %d actor(s), each one model on %s with %d CPU(s) and %d preprocessing worker(s)",
              count, plan.kind, plan.cpus, plan.workers)
 
-    totals = _Totals()
+    results: list[RunSummary] = []
     busy_tries: dict[int, int] = defaultdict(int)
+    gave_up: list[int] = []
     done = len(ledger.markers())
     bar = tqdm(total=sum(len(w.refs) for w in work), desc="caption", unit="img", dynamic_ncols=True,
                disable=True if cfg.quiet else None)
 
     def on_result(w: ShardWork, s: RunSummary) -> float | None:
         nonlocal done
-        totals.add(s)
+        results.append(replace(s, busy=()))                # busy shards are offered again below
         bar.update(s.images)
         if w.shard in s.committed:
             done += 1 if w.attempt == 0 else 0
@@ -255,16 +204,17 @@ def run_ray(cfg: RunConfig, manifest: Manifest, ledger: Ledger, device: RemoteDe
             log.info("shard %d is locked by another process (perhaps an actor of a killed run, exiting); "
                      "offering it again in %.0f s", w.shard, BUSY_RETRY_S)
             return BUSY_RETRY_S
-        totals.busy.append(w.shard)
+        gave_up.append(w.shard)
         return None
 
     t0 = time.perf_counter()
-    args = (cfg, prompt, plan.kind, str(dtype).removeprefix("torch."), manifest.extra_types, plan,
-            _sample_image(manifest))
+    args = (cfg, run.prompt.question, run.prompt.template, plan.kind, dtype_name(run.dtype), run.manifest.extra_types,
+            plan, _sample_image(run.manifest))
     try:
         with logging_redirect_tqdm():                      # log lines above the bar, not through it
-            report = distribute.run_pool(ShardWorker, args, plan.options, count, work, on_result)
+            report = distribute.run_pool(ActorWorker, args, plan.options, count, work, on_result)
     finally:
         bar.close()
-    totals.failed += [(w.shard, why) for w, why in report.lost]
-    return report_end(totals.summary(time.perf_counter() - t0, report.actors), ledger)
+    lost = RunSummary(committed=(), failed=tuple((w.shard, why) for w, why in report.lost), busy=tuple(gave_up),
+                      not_started=(), images=0, status={}, new_tokens=0, wall_s=0.0, stages={})
+    return combine([*results, lost], time.perf_counter() - t0, workers=report.actors)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from PIL import Image
 
+from pipeline.atomic import write_text_atomic
+
 if TYPE_CHECKING:
     from jobs.compare import CompareResult, Pair
 
@@ -113,7 +115,5 @@ def render_report(result: "CompareResult", *, labels: tuple[str, str] = ("A", "B
 def write_report(path: str | Path, result: "CompareResult", **kwargs) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(result, **kwargs), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, render_report(result, **kwargs))
     return path

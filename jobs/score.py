@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.atomic import write_atomic
 from pipeline.device import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -406,9 +407,7 @@ def write_scores(rows: Sequence[ScoreRow], path: str | Path, meta: dict[str, str
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
     table = table.replace_schema_metadata({f"score.{k}": str(v) for k, v in meta.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)    # readers never see a half-written file
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))    # readers never see a half-written file
     return path
 
 

@@ -16,6 +16,11 @@ from PIL import Image
 from models.decoder import Decoder
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16': the name --dtype, config.json, run.json and the logs use."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class PixelInputs:
     """Preprocessed pixels of one image: one or more crops (slices), each [3, H, W] float32."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from models.base import dtype_name
+
 log = logging.getLogger(__name__)
 
 TESTS_GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
@@ -131,7 +133,7 @@ def write_random_checkpoint(family: str, out_dir: str | Path, dtype: torch.dtype
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype).removeprefix("torch.")},
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype_name(dtype)},
                                                 indent=2))
     src = TESTS_GOLDEN / spec.golden / "checkpoint"
     for name in TOKENIZER_FILES:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import torch
 
 from models.base import LoadedModel
-from models.loading import CheckpointError, read_config
+from models.loading import CheckpointError, TensorSource, read_config
 
 # model_type as written in the original checkpoints' config.json -> module with load()
 FAMILIES: dict[str, str] = {
     "bunny-qwen2": "models.bunny",
     "minicpmv": "models.minicpmv2",
+}
+# the family module's config dataclass (from_dict(config.json)) and nn.Module built from it
+CLASSES: dict[str, tuple[str, str]] = {
+    "bunny-qwen2": ("BunnyConfig", "Bunny"),
+    "minicpmv": ("MiniCPMV2Config", "MiniCPMV2"),
 }
 
 
@@ -23,6 +29,43 @@ def family_of(model_dir: str | Path) -> str:
         raise CheckpointError(f"{model_dir}: model_type {mt!r} is not supported "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
     return mt
+
+
+def _family_config(model_dir: str | Path):
+    """(family module, its parsed config); CheckpointError when config.json does not parse into it."""
+    mt = family_of(model_dir)
+    module = importlib.import_module(FAMILIES[mt])
+    config_cls, _ = CLASSES[mt]
+    try:
+        return module, getattr(module, config_cls).from_dict(read_config(model_dir))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{model_dir}: config.json has a malformed value ({type(e).__name__}: {e})") from e
+
+
+def check_checkpoint(model_dir: str | Path) -> None:
+    """What can be checked before a run commits to a checkpoint, without reading a weight: config.json
+    parses into the family's config, and every tensor the architecture needs is in the safetensors
+    headers with the element count config.json implies. CheckpointError names the first problem.
+    (Loading stays strict on its own: tensors the architecture does not use are refused there.)"""
+    module, cfg = _family_config(model_dir)
+    with torch.device("meta"):                       # shapes only: no memory, no initialisation
+        model = getattr(module, CLASSES[family_of(model_dir)][1])(cfg)
+    params = dict(model.named_parameters())
+    src = TensorSource(model_dir)
+    for rule in module.name_map(cfg).rules:
+        have = sum(math.prod(src.shape(name)) for name in rule.sources)     # CheckpointError if absent
+        want = params[rule.target]
+        if have != want.numel():
+            shapes = ", ".join(f"{n} {src.shape(n)}" for n in rule.sources)
+            raise CheckpointError(f"{model_dir}: tensor {shapes} does not fit the architecture from config.json "
+                                  f"(expects {tuple(want.shape)} in all)")
+
+
+def context_length(model_dir: str | Path) -> int:
+    """The most positions (prompt + new tokens) the checkpoint's decoder takes."""
+    return int(_family_config(model_dir)[1].llm.max_position)
 
 
 def load_frontend(model_dir: str | Path, template: str | None = None):

@@ -1,10 +1,14 @@
-"""The one exception type a job raises to stop with a one-line explanation and an exit code."""
+"""The one exception type a job raises to stop with a one-line explanation, and the exit codes of
+every `pipeline` command (docs/CLI.md documents the same codes; a test keeps the two equal)."""
 
 from __future__ import annotations
 
-# Exit codes of `pipeline caption` (docs/CLI.md): 0 complete; these otherwise.
-EXIT_INFRA = 1      # a shard failed for infrastructure reasons (model, device, disk); re-run to retry
-EXIT_USAGE = 2      # bad arguments, unreadable manifest, output not writable, fingerprint mismatch
+EXIT_OK = 0             # complete; or nothing left for this process (other processes hold the rest)
+EXIT_INFRA = 1          # a shard failed for infrastructure reasons (model, device, disk); re-run to retry
+EXIT_USAGE = 2          # bad arguments or input, output not writable, fingerprint mismatch; nothing was done
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): committed shards are kept
+EXIT_TERMINATED = 143   # SIGTERM: an orderly stop, committed shards are kept
+EXIT_CODES = (EXIT_OK, EXIT_INFRA, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 
 class JobError(Exception):

@@ -1,10 +1,12 @@
 """What makes two runs' captions comparable: the run fingerprint.
 
-It covers the model files' identity (names, sizes, content hashes — not their folder, so a
-checkpoint copied to another node keeps its identity; config.json holds the model's name), the
-model family, the question
-and template, the decoding settings (max new tokens included) and the compute dtype. Things that
-do not change a caption (device index, threads, batch size, shard size) are not in it.
+It covers everything that can change a row: the model files' identity (names, sizes and SHA-256
+of every byte — not their folder, so a checkpoint copied to another node keeps its identity;
+config.json holds the model's name), the model family, the question and template, the decoding
+settings (max new tokens included), the compute dtype, the image limits (they decide which rows
+become too_large / extreme_aspect) and the code version of each stage (bumped when a stage's
+output can change). Things that do not change a row (device index, threads, batching, shard
+size) are not in it.
 """
 
 from __future__ import annotations
@@ -16,22 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FULL_HASH_LIMIT = 8 << 20      # files up to 8 MiB are hashed whole (configs, tokenizers)
-SAMPLE = 1 << 20               # larger ones (weights): size + first and last MiB, read in milliseconds
+from pipeline.digests import file_sha256
 
 
 def file_identity(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_LIMIT:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-            return f"{size}:sha256:{h.hexdigest()[:32]}"
-        h.update(f.read(SAMPLE))
-        f.seek(size - SAMPLE)
-        h.update(f.read(SAMPLE))
-    return f"{size}:sampled-sha256:{h.hexdigest()[:32]}"
+    return f"{path.stat().st_size}:sha256:{file_sha256(path)[:32]}"
 
 
 def model_identity(model_dir: str | os.PathLike) -> dict[str, str]:
@@ -60,10 +51,11 @@ class Fingerprint:
 
 
 def make(model_files: dict[str, str], family: str, question: str, template: str | None,
-         preset: str | None, decode: dict[str, Any], dtype: str) -> Fingerprint:
+         preset: str | None, decode: dict[str, Any], dtype: str, limits: dict[str, Any],
+         code: dict[str, int]) -> Fingerprint:
     return Fingerprint({"model_files": model_files, "family": family,
                         "question": question, "template": template, "prompt_preset": preset,
-                        "decode": decode, "dtype": dtype})
+                        "decode": decode, "dtype": dtype, "limits": limits, "code": code})
 
 
 def _short(v: Any) -> str:
@@ -80,6 +72,10 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         if name == "model_files" and isinstance(a, dict) and isinstance(b, dict):
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             return f"the model files differ ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
+        if name == "code" and isinstance(a, dict) and isinstance(b, dict):
+            stage = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            return (f"it was made by another version of the {stage} stage (version {a.get(stage)}, now "
+                    f"{b.get(stage)}), whose output can differ")
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 if a.get(k) != b.get(k):

@@ -1,4 +1,4 @@
-"""TOML job files: every `caption` option can live in a file so a cron line stays short.
+"""TOML job files, and turning options (job file + flags) into a checked RunConfig.
 
     # nightly.toml
     manifest = "lists/today.txt"       # relative paths: against this file's folder
@@ -9,36 +9,26 @@
 
 Keys are the long flag names (`max-new-tokens` or `max_new_tokens`). Flags given on the command
 line override the file; anything in neither takes its default. Unknown keys and wrong types are
-errors naming the key, so a typo cannot silently fall back to a default.
+errors naming the key, so a typo cannot silently fall back to a default. The table of keys is
+not written here: it is derived from the option declarations in pipeline/config.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (DEFAULT_SHARD_SIZE, ArraySlice, DecodeConfig, ImageLimits,
-                             RunConfig)
+from pipeline import array_task
+from pipeline.config import ArraySlice, Declared, RunConfig, check_value, declared
 from pipeline.errors import JobError
 
-# option -> (accepted Python types, is a path resolved against the job file's folder)
-OPTIONS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "manifest": ((str,), True), "model": ((str,), True), "out": ((str,), True),
-    "prompt": ((str,), False), "prompt_preset": ((str,), False),
-    "max_new_tokens": ((int,), False), "dtype": ((str,), False), "device": ((str,), False),
-    "batch_size": ((int,), False), "memory_budget": ((int, float), False),
-    "shard_size": ((int,), False), "overwrite": ((bool,), False), "retry_failed": ((bool,), False),
-    "num_shards_total": ((int,), False), "shard_index": ((int,), False),
-    "engine": ((str,), False), "ray_address": ((str,), False), "ray_actors": ((int,), False),
-    "temperature": ((int, float), False), "top_p": ((int, float), False), "top_k": ((int,), False),
-    "repetition_penalty": ((int, float), False), "seed": ((int,), False), "ignore_eos": ((bool,), False),
-    "threads": ((int,), False), "quiet": ((bool,), False), "workers": ((int,), False),
-    "max_image_pixels": ((int,), False), "max_aspect_ratio": ((int, float), False),
-}
-ALIASES = {"max_batch_size": "batch_size"}
+OPTIONS: dict[str, Declared] = {d.name: d for d in declared()}
+ALIASES: dict[str, str] = {a: d.name for d in OPTIONS.values() for a in d.option.aliases}
+ACCEPTS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
 def _canonical(key: str) -> str:
@@ -64,13 +54,14 @@ def read_jobfile(path: str | os.PathLike) -> dict[str, Any]:
             close = difflib.get_close_matches(name, OPTIONS, n=1)
             hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
             raise JobError(f"job file {p}: unknown option {key!r}{hint}")
-        types, is_path = OPTIONS[name]
+        d = OPTIONS[name]
+        types = ACCEPTS[d.type]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             want = " or ".join(t.__name__ for t in types)
             raise JobError(f"job file {p}: {key} must be {want}, not {type(value).__name__} ({value!r})")
         if name in out:
             raise JobError(f"job file {p}: {key} is given twice (alias of {name})")
-        if is_path and not os.path.isabs(os.path.expanduser(value)):
+        if d.option.path and not os.path.isabs(os.path.expanduser(value)):
             value = os.path.normpath(os.path.join(p.parent.resolve(), value))
         out[name] = value
     return out
@@ -85,43 +76,43 @@ def merge(job: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _positive(opts: dict[str, Any], name: str) -> None:
-    v = opts.get(name)
-    if v is not None and v < 1:
-        raise JobError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any]) -> Any:
+    """cls(...) from the given option values (by target path); the rest keep their defaults."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        target = prefix + (f.name,)
+        if target in values:
+            kwargs[f.name] = values[target]
+        elif dataclasses.is_dataclass(f.default):
+            kwargs[f.name] = _build(type(f.default), target, values)
+    return cls(**kwargs)
 
 
 def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | None = None) -> RunConfig:
-    """Merged options -> RunConfig, with the value checks that need no model."""
-    for need in ("manifest", "model", "out"):
-        if not opts.get(need):
-            raise JobError(f"--{need} is required (on the command line or in the --config job file)")
-    for name in ("max_new_tokens", "batch_size", "shard_size", "threads", "max_image_pixels", "ray_actors"):
-        _positive(opts, name)
-    if opts.get("workers") is not None and opts["workers"] < 0:
-        raise JobError("--workers must be 0 (preprocess in the main process) or more")
-    engine = opts.get("engine") or "local"
-    if engine not in ("local", "ray"):
-        raise JobError(f"--engine must be local or ray (got {engine!r})")
+    """Merged options -> RunConfig, with every check that needs no model: a mistake that would
+    spoil the whole run is refused here, in one line, before anything is written."""
+    values: dict[tuple[str, ...], Any] = {}
+    for name, value in opts.items():
+        d = OPTIONS.get(_canonical(name))
+        if d is None:
+            raise JobError(f"unknown option {name!r}")
+        if value is None:
+            continue
+        value = float(value) if d.type is float else value
+        why = check_value(d, value)
+        if why:
+            raise JobError(why)
+        values[d.target] = value
+    for d in OPTIONS.values():
+        if d.required and d.target not in values:
+            raise JobError(f"{d.flag} is required (on the command line or in the --config job file)")
     if opts.get("overwrite") and opts.get("retry_failed"):
         raise JobError("--overwrite and --retry-failed contradict each other; pick one")
-    temperature = float(opts.get("temperature") or 0.0)
-    top_p = float(opts["top_p"]) if opts.get("top_p") is not None else 1.0
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise JobError("--temperature must be >= 0 and --top-p in (0, 1]")
-    decode = DecodeConfig(max_new_tokens=int(opts.get("max_new_tokens") or DecodeConfig.max_new_tokens),
-                          temperature=temperature, top_p=top_p, top_k=int(opts.get("top_k") or 0),
-                          repetition_penalty=float(opts.get("repetition_penalty") or 1.0),
-                          seed=int(opts.get("seed") or 0), ignore_eos=bool(opts.get("ignore_eos")))
-    limits = ImageLimits(max_pixels=int(opts.get("max_image_pixels") or ImageLimits.max_pixels),
-                         max_aspect_ratio=float(opts.get("max_aspect_ratio") or ImageLimits.max_aspect_ratio))
-    return RunConfig(manifest=str(opts["manifest"]), model=str(opts["model"]), out=str(opts["out"]),
-                     prompt=opts.get("prompt"), prompt_preset=opts.get("prompt_preset"),
-                     decode=decode, dtype=opts.get("dtype") or "auto", device=opts.get("device") or "auto",
-                     max_batch_size=opts.get("batch_size"), memory_budget_gib=opts.get("memory_budget"),
-                     shard_size=int(opts.get("shard_size") or DEFAULT_SHARD_SIZE),
-                     overwrite=bool(opts.get("overwrite")), retry_failed=bool(opts.get("retry_failed")),
-                     array=part, engine=engine, ray_address=opts.get("ray_address"), ray_actors=opts.get("ray_actors"),
-                     threads=opts.get("threads"),
-                     quiet=bool(opts.get("quiet")), workers=opts.get("workers"), limits=limits,
-                     config_file=config_file)
+    values = {t: v for t, v in values.items() if t[0] != "array"}       # the slice comes resolved
+    return dataclasses.replace(_build(RunConfig, (), values), array=part, config_file=config_file)
+
+
+def run_config(opts: dict[str, Any], config_file: str | None = None, env: dict[str, str] | None = None) -> RunConfig:
+    """to_run_config with the array slice resolved from the options and the scheduler's environment."""
+    part = array_task.resolve(opts.get("num_shards_total"), opts.get("shard_index"), env)
+    return to_run_config(opts, part, config_file)

@@ -3,14 +3,23 @@
     RUN_DIR/run.json                  resolved config + fingerprint + shard layout (written once)
     RUN_DIR/shards/00042.parquet      a committed shard (retries: 00042.retry1.parquet, ...)
     RUN_DIR/shards/00042.done.json    its done marker, written LAST: the shard counts only once it exists
+    RUN_DIR/shards/00042.done.json.bad   a marker set aside because its data failed verification
     RUN_DIR/locks/00042.lock          flock'ed while a process works on shard 42
     RUN_DIR/logs/                     one log file per invocation
     RUN_DIR/captions.json             {path as in manifest: caption}, written when every shard is done
 
-Every file is written to a temporary name in the same folder, fsynced, renamed over the final
-name, and the folder fsynced, so a SIGKILL or power loss at any instant leaves either the old or
-the new file, never a half-written one. A shard is done iff its marker parses, carries this run's
-fingerprint and names a data file of the recorded size; anything else is redone.
+Every file is written through pipeline/atomic.py (temp name, fsync, rename, folder fsync), so a
+SIGKILL or power loss at any instant leaves either the old or the new file, never half of one.
+
+A shard is done iff its marker parses, is the marker of that shard, carries this run's
+fingerprint and names that shard's data file with the recorded size. That check reads names and
+sizes only, so resuming a run of 39,000 shards stays cheap. The marker also records the SHA-256
+of the data file; wherever a shard is read anyway (captions.json, export, --retry-failed) its
+bytes and its own index/shard columns are checked against the marker (pipeline/export.py), and a
+shard that fails is set aside and redone.
+
+Temp files of a killed writer are removed by the next process that takes that shard's lock, and
+only then: a live writer holds the lock, so its temp file is never touched.
 """
 
 from __future__ import annotations
@@ -20,22 +29,26 @@ import fcntl
 import json
 import logging
 import os
+import dataclasses
+import re
 import socket
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline import fingerprint as fp
+from pipeline.atomic import write_atomic, write_text_atomic
 from pipeline.config import ArraySlice
+from pipeline.digests import hash_file
 from pipeline.errors import JobError
 
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 CAPTIONS_JSON = "captions.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: done markers carry the data file's SHA-256
 
 
 @dataclass(frozen=True)
@@ -50,15 +63,20 @@ class Layout:
     def n_shards(self) -> int:
         return -(-self.n_images // self.shard_size)
 
+    def indices(self, shard: int) -> range:
+        """Manifest positions of a shard's rows."""
+        return range(shard * self.shard_size, min(self.n_images, (shard + 1) * self.shard_size))
+
 
 @dataclass(frozen=True)
 class ShardMarker:
     shard: int
     file: str                        # data file name inside shards/
-    bytes: int                       # its size, checked on read
+    bytes: int                       # its size, checked on every resume
     rows: int
     status: dict[str, int]           # status -> count ("ok", "missing", ...)
     fingerprint: str
+    sha256: str = ""                 # of the data file, checked wherever the shard is read
     attempt: int = 0                 # 0 = first commit, k = k-th --retry-failed pass
     processed: int = 0               # images captioned by this attempt (rows minus those kept)
     started: float = 0.0             # unix time the shard's first image was taken
@@ -73,16 +91,71 @@ class ShardMarker:
         return self.rows - self.status.get("ok", 0)
 
 
+@dataclass(frozen=True)
+class RunDoc:
+    """run.json."""
+
+    format: int
+    fingerprint: str
+    fingerprint_parts: dict[str, Any]
+    layout: Layout
+    config: dict[str, Any]
+    created: float
+    created_by: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, ensure_ascii=False)
+
+
+def _is(value: Any, hint: Any) -> bool:
+    """isinstance for the plain JSON-ish hints of the records here (float accepts int; no bools as numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _is(v, args[1]) for k, v in value.items())
+    if hint is Any:
+        return True
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _typed(cls: type, doc: Any) -> Any:
+    """cls(**doc) for a dataclass of plain fields, or ValueError naming the first field that is
+    missing, unknown or of the wrong type: a damaged or hand-edited file must not reach the code."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a JSON object but {type(doc).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(doc) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    for f in fields(cls):
+        if f.name not in doc:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"no {f.name!r}")
+        elif not _is(doc[f.name], hints[f.name]):
+            raise ValueError(f"{f.name!r} is {json.dumps(doc[f.name], default=str)[:40]}")
+    return cls(**doc)
+
+
+def parse_run(text: str) -> RunDoc:
+    """run.json's text -> RunDoc, or ValueError saying what is wrong with it."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg} at character {e.pos}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a JSON object but {type(doc).__name__}")
+    if doc.get("format") != FORMAT_VERSION:
+        raise ValueError(f"run format {doc.get('format')!r}, this version reads {FORMAT_VERSION}: made by "
+                         f"another version of vlm-caption-pipeline")
+    layout = _typed(Layout, doc.get("layout"))
+    if layout.n_images < 1 or layout.shard_size < 1:
+        raise ValueError(f"its layout has {layout.n_images} images in shards of {layout.shard_size}")
+    return _typed(RunDoc, {**doc, "layout": layout})
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _io_error(path: Path, e: OSError) -> JobError:
@@ -90,36 +163,12 @@ def _io_error(path: Path, e: OSError) -> JobError:
     return JobError(f"output {path} {what} ({e.strerror or e}); fix the output folder and re-run the same command")
 
 
-def temp_name(path: Path) -> Path:
-    """A hidden sibling unique to this writer (pid + random: threads and array tasks never collide)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then fsync + rename over `path`; never creates missing folders (a vanished run
-    dir is an error, not something to silently recreate)."""
-    tmp = temp_name(path)
+    """pipeline.atomic.write_atomic for the run dir: an OSError becomes a one-line JobError."""
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_atomic(path, write)
     except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise _io_error(path.parent, e) from None
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -138,123 +187,125 @@ class ShardLock:
             self.fd = None
 
 
+_SHARD_FILE = re.compile(r"^\.?(\d+)\.")
+
+
 class Ledger:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.locks = self.root / "locks"
         self.logs = self.root / "logs"
-        self.run: dict[str, Any] = {}
+        self._run: RunDoc | None = None
         self._flock_ok = True
+        self._temps: dict[int, list[Path]] | None = None     # shard -> its temp files, listed once
 
     # -- run.json ------------------------------------------------------------------------------------
-    def read_run(self) -> dict[str, Any]:
+    @property
+    def run(self) -> RunDoc:
+        if self._run is None:
+            raise RuntimeError("the ledger has no run yet: read_run() or open() first")
+        return self._run
+
+    def _load_run(self) -> RunDoc:
+        """run.json parsed; FileNotFoundError if absent, OSError/ValueError (saying why) otherwise."""
+        try:
+            text = (self.root / RUN_JSON).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+        return parse_run(text)
+
+    def read_run(self) -> RunDoc:
+        """This run's run.json, or a one-line JobError (missing, unreadable, damaged)."""
         p = self.root / RUN_JSON
         try:
-            self.run = json.loads(p.read_text(encoding="utf-8"))
+            self._run = self._load_run()
         except FileNotFoundError:
             raise JobError(f"{self.root} is not a run directory (no {RUN_JSON})") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise JobError(f"cannot read {p}: {e}") from None
-        return self.run
+        except OSError as e:
+            raise JobError(f"cannot read {p}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise JobError(f"{p} is damaged ({e}); re-run the caption command with --overwrite to start over") from None
+        return self._run
 
     @property
     def fingerprint(self) -> str:
-        return self.run["fingerprint"]
+        return self.run.fingerprint
 
     @property
     def layout(self) -> Layout:
-        return Layout(**self.run["layout"])
+        return self.run.layout
 
     def open(self, finger: fp.Fingerprint, layout: Layout, config: dict[str, Any], overwrite: bool,
              part: ArraySlice) -> None:
-        """Create the run dir (or join it): refuse a different fingerprint or layout unless overwrite."""
+        """Create the run dir (or join it): refuse a different fingerprint or layout, or a damaged
+        run.json, unless overwrite (which then starts over)."""
         try:
             for d in (self.root, self.shards, self.locks, self.logs):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _io_error(self.root, e) from None
-        doc = {"format": FORMAT_VERSION, "fingerprint": finger.digest, "fingerprint_parts": finger.parts,
-               "layout": asdict(layout), "config": config, "created": time.time(),
-               "created_by": f"{socket.gethostname()}:{os.getpid()}"}
-        existing = self._existing_run()
-        if existing is not None:
-            why = self._mismatch(existing, finger, layout)
-            if why is None:
-                self.run = existing
-                if overwrite:
-                    self._clear(part, everything=part.total == 1)
-                return
-            if not overwrite:
-                raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over "
-                               f"or another --out")
-            log.warning("--overwrite: %s holds a different run (%s); starting over", self.root, why)
-            self._clear(part, everything=part.total == 1)
-            atomic_write_text(self.root / RUN_JSON, json.dumps(doc, indent=1, ensure_ascii=False))
-            self.run = doc
-            return
-        self._create_run(doc)
-
-    def _existing_run(self) -> dict[str, Any] | None:
-        p = self.root / RUN_JSON
+        doc = RunDoc(format=FORMAT_VERSION, fingerprint=finger.digest, fingerprint_parts=finger.parts, layout=layout,
+                     config=config, created=time.time(), created_by=f"{socket.gethostname()}:{os.getpid()}")
         try:
-            return json.loads(p.read_text(encoding="utf-8"))
+            existing = self._load_run()
+            why = self._mismatch(existing, doc)
         except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as e:
-            raise JobError(f"{p} is unreadable ({e}); use --overwrite to start over") from None
+            self._create_run(doc)
+            return
+        except (OSError, ValueError) as e:
+            existing, why = None, f"its {RUN_JSON} is damaged or unreadable ({getattr(e, 'strerror', None) or e})"
+        if why is None:
+            self._run = existing
+            if overwrite:
+                self._clear(part, everything=part.total == 1)
+            return
+        if not overwrite:
+            raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over or another --out")
+        log.warning("--overwrite: %s holds a different run (%s); starting over", self.root, why)
+        self._clear(part, everything=part.total == 1)
+        atomic_write_text(self.root / RUN_JSON, doc.to_json())
+        self._run = doc
 
     @staticmethod
-    def _mismatch(existing: dict[str, Any], finger: fp.Fingerprint, layout: Layout) -> str | None:
-        if existing.get("fingerprint") != finger.digest:
-            return fp.explain(existing.get("fingerprint_parts", {}), finger.parts) or "its fingerprint differs"
-        old = existing.get("layout", {})
-        if old.get("manifest_digest") != layout.manifest_digest:
-            return (f"it was made from a different manifest ({old.get('n_images')} images, "
-                    f"now {layout.n_images}, or the same count with different entries)")
-        if old.get("shard_size") != layout.shard_size:
-            return f"its shard size was {old.get('shard_size')}, now {layout.shard_size}"
+    def _mismatch(existing: RunDoc, new: RunDoc) -> str | None:
+        """Why a run dir's run.json is not this run (one phrase), or None."""
+        if existing.fingerprint != new.fingerprint:
+            return fp.explain(existing.fingerprint_parts, new.fingerprint_parts) or "its fingerprint differs"
+        old = existing.layout
+        if old.manifest_digest != new.layout.manifest_digest:
+            return (f"it was made from a different manifest ({old.n_images} images, "
+                    f"now {new.layout.n_images}, or the same count with different entries)")
+        if old.shard_size != new.layout.shard_size:
+            return f"its shard size was {old.shard_size}, now {new.layout.shard_size}"
         return None
 
-    def _create_run(self, doc: dict[str, Any]) -> None:
+    def _create_run(self, doc: RunDoc) -> None:
         """Create run.json if absent; with array tasks starting together exactly one creation wins
-        (link() fails if the name exists) and the others verify against the winner."""
-        path = self.root / RUN_JSON
-        tmp = temp_name(path)
+        (an exclusive link) and the others verify against the winner."""
         try:
-            tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-                fsync_dir(self.root)
-                self.run = doc
-            except FileExistsError:
-                existing = self._existing_run()
-                why = self._mismatch(existing, fp.Fingerprint(doc["fingerprint_parts"]), Layout(**doc["layout"]))
-                if why:
-                    raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over "
-                                   f"or another --out") from None
-                self.run = existing
+            write_text_atomic(self.root / RUN_JSON, doc.to_json(), exclusive=True)
+            self._run = doc
+        except FileExistsError:
+            why = self._mismatch(self.read_run(), doc)
+            if why:
+                raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over "
+                               f"or another --out") from None
         except OSError as e:
             raise _io_error(self.root, e) from None
-        finally:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
     def _clear(self, part: ArraySlice, everything: bool) -> None:
         """--overwrite: drop this slice's shards (all of them for a single process) and captions.json."""
         for p in list(self.shards.iterdir()):
-            if everything or (self._shard_of(p.name) is not None and part.owns(self._shard_of(p.name))):
+            s = self._shard_of(p.name)
+            if everything or (s is not None and part.owns(s)):
                 p.unlink(missing_ok=True)
         (self.root / CAPTIONS_JSON).unlink(missing_ok=True)
 
     @staticmethod
     def _shard_of(name: str) -> int | None:
-        head = name.lstrip(".").split(".", 1)[0]
-        return int(head) if head.isdigit() else None
+        m = _SHARD_FILE.match(name)
+        return int(m.group(1)) if m else None
 
     # -- markers -------------------------------------------------------------------------------------
     def marker_path(self, shard: int) -> Path:
@@ -262,11 +313,11 @@ class Ledger:
 
     def marker(self, shard: int) -> ShardMarker | None:
         """The shard's done marker if it is valid for this run, else None (the shard is redone)."""
-        return self._valid(self.marker_path(shard))
+        return self._valid(shard, self.marker_path(shard))
 
-    def _valid(self, path: Path) -> ShardMarker | None:
+    def _valid(self, shard: int, path: Path) -> ShardMarker | None:
         try:
-            m = ShardMarker(**json.loads(path.read_text(encoding="utf-8")))
+            m = _typed(ShardMarker, json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as e:
@@ -275,17 +326,21 @@ class Ledger:
         if m.fingerprint != self.fingerprint:
             log.warning("ignoring done marker %s of another run (%s)", path, m.fingerprint)
             return None
+        if m.shard != shard or m.file != self.data_file(shard, m.attempt) or len(m.sha256) != 64:
+            log.warning("ignoring done marker %s: it does not describe shard %d's own data file (shard %d, "
+                        "file %r); the shard will be redone", path, shard, m.shard, m.file)
+            return None
         try:
             size = (self.shards / m.file).stat().st_size
         except OSError:
             size = -1
         if size != m.bytes:
-            log.warning("shard %d: data file %s is missing or changed; the shard will be redone", m.shard, m.file)
+            log.warning("shard %d: data file %s is missing or changed; the shard will be redone", shard, m.file)
             return None
         return m
 
     def markers(self) -> dict[int, ShardMarker]:
-        """All valid done markers of the run, by shard."""
+        """All valid done markers of the run, by shard (names and sizes only: no data is read)."""
         out = {}
         n = self.layout.n_shards
         try:
@@ -296,7 +351,7 @@ class Ledger:
             if name.endswith(".done.json") and not name.startswith("."):
                 s = self._shard_of(name)
                 if s is not None and s < n:
-                    m = self._valid(self.shards / name)
+                    m = self._valid(s, self.shards / name)
                     if m is not None:
                         out[s] = m
         return out
@@ -305,18 +360,46 @@ class Ledger:
         done = self.markers()
         return [s for s in range(self.layout.n_shards) if part.owns(s) and s not in done]
 
+    def set_aside_shards(self) -> list[int]:
+        """Shards with a marker set aside (NNNNN.done.json.bad), whether redone since or not."""
+        try:
+            return sorted(s for name in os.listdir(self.shards)
+                          if name.endswith(".done.json.bad") and (s := self._shard_of(name)) is not None)
+        except OSError as e:
+            raise _io_error(self.shards, e) from None
+
+    def set_aside(self, marker: ShardMarker, why: str) -> bool:
+        """A committed shard whose data does not match its marker: rename the marker away (to
+        NNNNN.done.json.bad, kept for a look) so the shard is pending again. Done under the shard's
+        lock and only if the marker is still the one that was checked; False if another process
+        holds the shard (it is redoing it) or already replaced the marker."""
+        lock = self.try_lock(marker.shard)
+        if lock is None:
+            return False
+        try:
+            if self.marker(marker.shard) != marker:
+                return False
+            path = self.marker_path(marker.shard)
+            os.replace(path, path.with_name(path.name + ".bad"))
+            log.error("shard %d: %s; its done marker is set aside and the shard will be redone", marker.shard, why)
+            return True
+        except OSError as e:
+            raise _io_error(self.shards, e) from None
+        finally:
+            lock.release()
+
     # -- committing ----------------------------------------------------------------------------------
     def commit(self, marker: ShardMarker, write_data: Callable[[Path], None]) -> ShardMarker:
         """Write the shard's data file, then its marker (the commit point), then drop the data file
-        of the attempt it replaces. Returns the marker with the file's size filled in."""
+        of the attempt it replaces. Returns the marker with the file's size and hash filled in."""
         data = self.shards / marker.file
         previous = self.marker(marker.shard)
         atomic_write(data, write_data)
         try:
-            size = data.stat().st_size
+            size, digest = data.stat().st_size, hash_file(data)
         except OSError as e:
             raise _io_error(self.shards, e) from None
-        marker = ShardMarker(**{**asdict(marker), "bytes": size, "fingerprint": self.fingerprint,
+        marker = ShardMarker(**{**asdict(marker), "bytes": size, "sha256": digest, "fingerprint": self.fingerprint,
                                 "host": socket.gethostname(), "pid": os.getpid()})
         atomic_write_text(self.marker_path(marker.shard), json.dumps(asdict(marker), indent=1, ensure_ascii=False))
         if previous is not None and previous.file != marker.file:
@@ -326,12 +409,33 @@ class Ledger:
     def data_file(self, shard: int, attempt: int) -> str:
         return f"{shard_name(shard)}.parquet" if attempt == 0 else f"{shard_name(shard)}.retry{attempt}.parquet"
 
-    def remove_stale_temp(self, part: ArraySlice) -> None:
-        """Temp files left by killed processes; only this slice's (other tasks may be mid-write)."""
-        for p in self.shards.glob(".*.tmp"):
-            s = self._shard_of(p.name)
-            if s is not None and part.owns(s):
-                p.unlink(missing_ok=True)
+    def remove_temps(self, shard: int) -> int:
+        """Delete the shard's temp files. Call only while holding its lock: any temp file of the
+        shard is then a leftover of a killed writer (a live one would hold the lock). The folder
+        is listed once per process, not per shard (it holds two files per shard, 78,000 at 10M
+        images); a temp file left after that listing is removed by the next run."""
+        if self._temps is None:
+            self._temps = {}
+            try:
+                with os.scandir(self.shards) as entries:
+                    for e in entries:
+                        s = self._shard_of(e.name) if e.name.startswith(".") and e.name.endswith(".tmp") else None
+                        if s is not None:
+                            self._temps.setdefault(s, []).append(Path(e.path))
+            except OSError as e:
+                raise _io_error(self.shards, e) from None
+        n = 0
+        for p in self._temps.pop(shard, []):
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise _io_error(self.shards, e) from None
+        if n:
+            log.info("shard %d: removed %d temp file(s) left by a killed process", shard, n)
+        return n
 
     # -- locks ---------------------------------------------------------------------------------------
     def try_lock(self, shard: int) -> ShardLock | None:
@@ -359,4 +463,3 @@ class Ledger:
         path = self.root / CAPTIONS_JSON
         atomic_write_text(path, json.dumps(captions, ensure_ascii=False, indent=1) + "\n")
         return path
-

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import JobError
 from pipeline.records import ImageRef
 
@@ -276,7 +277,5 @@ def write_txt_manifest(out: str | os.PathLike, folder: str | os.PathLike, rel_pa
     for p in rel_paths:
         lines.append(os.path.relpath(Path(folder).resolve() / p, base))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "\n".join(lines) + "\n")
     return len(rel_paths)

@@ -23,15 +23,33 @@ log = logging.getLogger(__name__)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """stderr logging for the whole process (idempotent: the CLI may call it per command)."""
+PACKAGES = ("pipeline", "jobs", "models", "stages", "cli")
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner may swap it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """stderr logging for the whole process (idempotent: called per command). Our packages log at
+    INFO (WARNING if quiet); other libraries only warnings (open_clip, Ray and transformers log
+    their construction steps at INFO)."""
     root = logging.getLogger()
-    if not any(getattr(h, "_pipeline", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        h = _Stderr()
         h.setFormatter(logging.Formatter(FORMAT))
-        h._pipeline = True  # type: ignore[attr-defined]
         root.addHandler(h)
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def add_log_file(folder: Path, command: str) -> logging.Handler | None:

@@ -1,22 +1,20 @@
 """Typed records that flow between stages. A failure is a record, never a crashed shard.
 
 ImageRef      manifest   -> preprocess
-ImageInputs   preprocess -> encode
-VisionFeatures encode    -> caption
+ImageInputs   preprocess -> encode        (stages/records.py: it carries tensors)
+VisionFeatures encode    -> caption       (stages/records.py)
 Caption       caption    -> write
 Failed        any stage  -> write (a row with status/error)
 
-The output schema (pipeline/schema.py) is derived from `ResultRow` so schema and code cannot drift.
+The records here hold plain values only, so the core (ledger, status, export) never imports torch
+or a model. The output schema (pipeline/schema.py) is derived from `ResultRow` so schema and code
+cannot drift.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-
-from models.base import PixelInputs, PromptPlan
 
 
 @dataclass(frozen=True)
@@ -27,26 +25,6 @@ class ImageRef:
     shard: int = 0
     index: int = 0                 # position in the manifest (output order)
     extra: dict[str, Any] = field(default_factory=dict)   # passthrough manifest columns
-
-
-@dataclass(frozen=True)
-class ImageInputs:
-    ref: ImageRef
-    pixels: PixelInputs
-    plan: PromptPlan               # prompt ids with the image spans (tokenized on the CPU workers)
-    width: int
-    height: int
-    seconds: float                 # time spent opening + preprocessing
-
-
-@dataclass(frozen=True)
-class VisionFeatures:
-    ref: ImageRef
-    prompt_embeds: torch.Tensor    # [L, hidden] prefill embeddings (text + spliced image features)
-    width: int
-    height: int
-    preprocess_s: float
-    encode_s: float
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,13 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from pipeline.errors import JobError
-from pipeline.records import Caption, Failed, ImageInputs, ImageRef, VisionFeatures
+from pipeline.records import Caption, Failed, ImageRef
+
+if TYPE_CHECKING:       # the stages' tensor records, named in annotations only: no torch import here
+    from stages.records import ImageInputs, VisionFeatures
 
 log = logging.getLogger(__name__)
 

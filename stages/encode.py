@@ -13,9 +13,14 @@ import time
 import torch
 
 from models.base import LoadedModel
-from pipeline.records import Failed, ImageInputs, VisionFeatures
+from pipeline.records import Failed
+from stages.records import ImageInputs, VisionFeatures
 
 log = logging.getLogger(__name__)
+
+# Bumped whenever this stage's output can change for the same input: it is part of the run
+# fingerprint, so a run dir never mixes rows from before and after such a change.
+VERSION = 1
 
 
 class VisionEncoder:

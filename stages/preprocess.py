@@ -30,9 +30,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import ImageLimits
-from pipeline.records import Failed, ImageInputs, ImageRef
+from pipeline.records import Failed, ImageRef
+from stages.records import ImageInputs
 
 log = logging.getLogger(__name__)
+
+# Bumped whenever this stage's output can change for the same input: it is part of the run
+# fingerprint, so a run dir never mixes rows from before and after such a change.
+VERSION = 1
 
 # Formats cameras, phones and the web produce (JPEG includes camera MPO files). Deliberately no
 # EPS/PS (Pillow would execute Ghostscript), nor exotic formats whose decoders see little hardening.

@@ -1,32 +1,30 @@
-"""Write stage: a finished shard's records -> one Parquet file + its done marker (via the ledger);
-and merging committed shards into one export file (json | jsonl | csv | parquet).
-
-Every file goes through ledger.atomic_write (temp name, fsync, rename), so readers and re-runs
-never see a partial file.
+"""Write stage: a finished shard's records -> one Parquet file + its done marker (via the ledger,
+which writes both atomically: readers and re-runs never see a partial file). Reading shards back
+and exporting them is pipeline/export.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.ledger import Ledger, ShardMarker, atomic_write, atomic_write_text
+from pipeline.ledger import Ledger, ShardMarker
 from pipeline.records import Caption, Failed, ResultRow
 from pipeline.runner import ShardWork
 from pipeline.schema import OutputSchema
 
 log = logging.getLogger(__name__)
 
+# Bumped whenever this stage's output can change for the same input: it is part of the run
+# fingerprint, so a run dir never mixes rows from before and after such a change.
+VERSION = 1
+
 STAGE_COLUMNS = ("preprocess_s", "encode_s", "prefill_s", "decode_s")
-EXPORT_FORMATS = ("json", "jsonl", "csv", "parquet")
 
 
 def _sum(table: pa.Table, column: str) -> float:
@@ -60,37 +58,3 @@ class ShardWriter:
         marker = self.ledger.commit(marker, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         log.debug("shard %d committed: %s", work.shard, marker.file)
         return marker
-
-
-# -- reading and exporting --------------------------------------------------------------------------
-
-def read_shards(ledger: Ledger, markers: dict[int, ShardMarker]) -> pa.Table:
-    """The committed rows of the given shards, in manifest order."""
-    tables = [pq.read_table(ledger.shards / markers[s].file) for s in sorted(markers)]
-    if not tables:
-        raise ValueError("no committed shards")
-    table = pa.concat_tables(tables, promote_options="default")
-    return table.take(pc.sort_indices(table, sort_keys=[("index", "ascending")]))
-
-
-def captions_mapping(table: pa.Table) -> dict[str, str]:
-    """{path as in the manifest: caption} of the captioned rows, ordered by key (failures are left
-    out: they are rows with a status in the Parquet output)."""
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
-    ok = ok.take(pc.sort_indices(ok, sort_keys=[("key", "ascending")]))
-    return dict(zip(ok.column("path").to_pylist(), ok.column("caption").to_pylist()))
-
-
-def export(table: pa.Table, fmt: str, out: Path) -> Path:
-    if fmt == "json":
-        atomic_write_text(out, json.dumps(captions_mapping(table), ensure_ascii=False, indent=1) + "\n")
-    elif fmt == "jsonl":
-        lines = (json.dumps(row, ensure_ascii=False) for row in table.to_pylist())
-        atomic_write_text(out, "".join(line + "\n" for line in lines))
-    elif fmt == "csv":
-        atomic_write(out, lambda tmp: pacsv.write_csv(table, tmp))
-    elif fmt == "parquet":
-        atomic_write(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    return out

@@ -13,13 +13,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.caption import run_caption
 from pipeline import array_task, jobfile
 from pipeline.ledger import Ledger
-from stages.write import read_shards
+from pipeline.export import read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "tests" / "golden" / "bunny-tiny" / "checkpoint"
@@ -29,7 +30,7 @@ TIMING_COLUMNS = ("preprocess_s", "encode_s", "prefill_s", "decode_s")
 
 def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`pipeline ...` in a fresh interpreter (as cron would run it)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -41,6 +42,18 @@ def caption(**opts) -> int:
     return run_caption(jobfile.to_run_config(opts, part))
 
 
+def session_alive(sid: int) -> list[int]:
+    """Live (non-zombie) processes of a session: a job started with start_new_session=True."""
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return alive
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR " in line]
 
@@ -49,7 +62,9 @@ def rows(run_dir: Path, keep_timings: bool = False) -> list[dict]:
     """The merged rows of a run, without the per-image timings (which vary run to run)."""
     led = Ledger(run_dir)
     led.read_run()
-    out = read_shards(led, led.markers()).to_pylist()
+    table, bad = read_shards(led, led.markers())
+    assert bad == []
+    out = table.to_pylist()
     if not keep_timings:
         for r in out:
             for c in TIMING_COLUMNS:
@@ -72,6 +87,25 @@ def captions(run_dir: Path) -> dict[str, str]:
 def markers(run_dir: Path) -> dict[str, str]:
     """{marker file name: its exact content}: unchanged content means the shard was not redone."""
     return {p.name: p.read_text() for p in sorted((Path(run_dir) / "shards").glob("*.done.json"))}
+
+
+def run_with_a_late_image(tmp_path: Path, names: tuple[str, ...] = ("a", "late", "b")) -> tuple[Path, Path, dict]:
+    """A run (shards of 2) over imgs/<name>.png where late.png is missing at first, so it is a
+    `missing` row; late.png then appears. Returns (manifest, run dir, the first run's rows by key)."""
+    img = tmp_path / "imgs"
+    img.mkdir()
+    colours = {"a": ((64, 48), (200, 30, 30)), "b": ((50, 70), (30, 200, 30)), "late": ((40, 40), (30, 30, 200))}
+    for name in names:
+        if name != "late":
+            Image.new("RGB", *colours[name]).save(img / f"{name}.png")
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"imgs/{n}.png\n" for n in names))
+    out = tmp_path / "run"
+    assert caption(manifest=manifest, out=out, shard_size=2) == 0
+    first = {r["key"]: r for r in rows(out)}
+    assert first["imgs/late.png"]["status"] == "missing" and "imgs/late.png" not in captions(out)
+    Image.new("RGB", *colours["late"]).save(img / "late.png")
+    return manifest, out, first
 
 
 def synthetic_corpus(folder: Path, n: int, seed: int = 0) -> Path:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.records import ImageInputs, ImageRef
+from pipeline.records import ImageRef
 from stages.encode import VisionEncoder
+from stages.records import ImageInputs
 
 
 def features_for(loaded, root: Path, golden: dict, names: list[str], question: str, questions: dict | None = None):

@@ -17,7 +17,7 @@ TASKS = 3
 def test_three_tasks_then_export_equal_single_process(tmp_path):
     manifest, reference = reference_run()
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    base = [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
             "--out", str(out), "--workers", "0", "--threads", "1", *CORPUS_ARGS]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "JOB_COMPLETION_INDEX"}
     launches = [
@@ -63,6 +63,7 @@ def test_export_refuses_unfinished_run(tmp_path):
     assert r.returncode == 2 and "9 shard(s) are not committed yet" in r.stderr
     r = cli("export", str(out), "--format", "jsonl", "--partial")
     assert r.returncode == 0
-    assert len((out / "captions.jsonl").read_text().splitlines()) == 8       # shards 4 and 9
+    assert r.stdout.strip() == str(out / "captions.partial.jsonl")           # never captions.<fmt>: not complete
+    assert len((out / "captions.partial.jsonl").read_text().splitlines()) == 8       # shards 4 and 9
     r = cli("status", str(out))
     assert "pending    36 images in 9 shard(s): 0, 1, 2, 3, 5, 6, 7, 8, 10" in r.stdout

@@ -19,9 +19,10 @@ from models.random_checkpoint import write_random_checkpoint
 from models.registry import load_model
 from pipeline import device as dev
 from pipeline.config import DecodeConfig
-from pipeline.records import ImageInputs, ImageRef
+from pipeline.records import ImageRef
 from stages.caption.engine import CaptionEngine, EngineOptions
 from stages.encode import VisionEncoder
+from stages.records import ImageInputs
 
 log = logging.getLogger(__name__)
 CACHE = os.environ.get("VLM_RANDOM_CKPT_DIR", os.path.expanduser("~/.cache/vlm-caption-pipeline/random"))

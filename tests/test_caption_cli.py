@@ -15,11 +15,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from caption_helpers import CKPT, SAMPLES, caption, captions, cli, error_lines, markers, read_parquet_rows, rows
+from caption_helpers import (CKPT, SAMPLES, caption, captions, cli, error_lines, markers, read_parquet_rows, rows,
+                             run_with_a_late_image)
 from pipeline.errors import JobError
 
+MINICPM = CKPT.parents[1] / "minicpmv2-tiny" / "checkpoint"
 SIZES = {"samples/camera.png": (512, 512), "samples/chelsea.png": (451, 300), "samples/coffee.png": (600, 400),
          "samples/retina.jpg": (1411, 1411), "samples/rocket.jpg": (640, 427)}
 
@@ -133,17 +134,7 @@ def test_changed_prompt_refused_then_overwrite(samples_run, tmp_path):
 
 
 def test_retry_failed_recaptions_only_failed_rows(tmp_path):
-    img = tmp_path / "imgs"
-    img.mkdir()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(img / "a.png")
-    Image.new("RGB", (50, 70), (30, 200, 30)).save(img / "b.png")
-    manifest = tmp_path / "m.txt"
-    manifest.write_text("imgs/a.png\nimgs/late.png\nimgs/b.png\n")
-    out = tmp_path / "run"
-    assert caption(manifest=manifest, out=out, shard_size=2) == 0
-    first = {r["key"]: r for r in rows(out)}
-    assert first["imgs/late.png"]["status"] == "missing" and "imgs/late.png" not in captions(out)
-    Image.new("RGB", (40, 40), (30, 30, 200)).save(img / "late.png")
+    manifest, out, first = run_with_a_late_image(tmp_path)
     before = markers(out)
     assert caption(manifest=manifest, out=out, shard_size=2) == 0          # plain re-run: nothing to do
     assert markers(out) == before
@@ -173,6 +164,49 @@ def test_job_file_and_flag_override(tmp_path):
     assert run["config"]["decode"]["max_new_tokens"] == 2 and run["config"]["prompt"] == "Name the animal."
     assert run["config"]["config_file"] == str(job)
     assert rows(tmp_path / "runs" / "cat")[0]["n_new_tokens"] <= 2
+
+
+def test_batching_knobs_reach_the_code_that_uses_them(tmp_path, monkeypatch):
+    """One BatchConfig, from flags to every consumer (engine, encoder batches, pool look-ahead, the
+    MiniCPM-V-2 crops per vision call) and into run.json."""
+    from pipeline import workers
+    from pipeline.runner import Runner
+    from stages.caption.engine import CaptionEngine
+
+    seen = {}
+    real_engine, real_pool, real_runner = CaptionEngine.__init__, workers.OrderedPool.__init__, Runner.__init__
+
+    def engine(self, loaded, decode, options):
+        seen.update(options=options, crops=loaded.model.max_crops_per_call)
+        real_engine(self, loaded, decode, options)
+
+    def pool(self, factory, n, ahead, on_crash):
+        seen["ahead"] = ahead
+        real_pool(self, factory, n, ahead, on_crash)
+
+    def runner(self, stages):
+        seen["encode_batch"] = stages.encode_batch
+        real_runner(self, stages)
+
+    monkeypatch.setattr(CaptionEngine, "__init__", engine)
+    monkeypatch.setattr(workers.OrderedPool, "__init__", pool)
+    monkeypatch.setattr(Runner, "__init__", runner)
+    from PIL import Image
+
+    Image.new("RGB", (60, 40), (90, 120, 150)).save(tmp_path / "r.png")
+    (tmp_path / "m.txt").write_text("r.png\n")
+    knobs = dict(batch_size=3, memory_budget=1.5, prefill_batch=2, kv_bucket=32, encode_batch=5, crops_per_call=2,
+                 lookahead=7)
+    out = tmp_path / "run"
+    assert caption(manifest=tmp_path / "m.txt", model=MINICPM, out=out, max_new_tokens=2, **knobs) == 0
+    o = seen["options"]
+    assert (o.max_batch_size, o.memory_budget_gib, o.max_prefill_batch, o.kv_bucket) == (3, 1.5, 2, 32)
+    assert (seen["crops"], seen["encode_batch"], seen["ahead"]) == (2, 5, 7)
+    batch = json.loads((out / "run.json").read_text())["config"]["batch"]
+    assert {k: batch[k] for k in ("max_batch_size", "max_prefill_batch", "kv_bucket", "encode_batch", "crops_per_call",
+                                  "lookahead", "workers")} == {"max_batch_size": 3, "max_prefill_batch": 2,
+                                                               "kv_bucket": 32, "encode_batch": 5, "crops_per_call": 2,
+                                                               "lookahead": 7, "workers": 0}
 
 
 def test_prompt_preset(tmp_path):

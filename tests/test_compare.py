@@ -112,7 +112,7 @@ def compared(tmp_path_factory):
     pytest.importorskip("open_clip")
     from test_score import make_images, make_tiny_clip
 
-    from pipeline.cli import app
+    from cli.app import app
 
     tmp = tmp_path_factory.mktemp("compare")
     clip = make_tiny_clip(tmp / "clip")

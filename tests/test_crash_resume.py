@@ -17,28 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from caption_helpers import CKPT, CORPUS_ARGS, CORPUS_SIZE, ROOT, markers, reference_run, rows
+from caption_helpers import CKPT, CORPUS_ARGS, CORPUS_SIZE, ROOT, markers, reference_run, rows, session_alive
 
 SHARDS = -(-CORPUS_SIZE // 4)
 
 
 def _command(manifest: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    return [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
             "--out", str(out), "--workers", "1", *CORPUS_ARGS]
-
-
-def _session_alive(sid: int) -> list[int]:
-    alive = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(p.pid)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return alive
 
 
 def _kill_at_random_point(cmd, out: Path, rng: random.Random, whole_group: bool, log) -> bool:
@@ -64,10 +52,10 @@ def _kill_at_random_point(cmd, out: Path, rng: random.Random, whole_group: bool,
     p.wait()
     # the workers die with the main process (PR_SET_PDEATHSIG): nothing of the job is left running
     for _ in range(300):                      # a worker may still be importing torch: allow 15 s
-        if not _session_alive(p.pid):
+        if not session_alive(p.pid):
             break
         time.sleep(0.05)
-    assert not _session_alive(p.pid), "orphaned worker processes after SIGKILL"
+    assert not session_alive(p.pid), "orphaned worker processes after SIGKILL"
     return True
 
 

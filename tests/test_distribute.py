@@ -10,7 +10,7 @@ import pytest
 from caption_helpers import SAMPLES, caption
 
 from jobs.caption_ray import ActorPlan, plan_actors
-from pipeline.config import RunConfig
+from pipeline.config import BatchConfig, RunConfig
 from pipeline.device import DeviceError, cluster_device_kind, device_kind, ray_actor_options
 from pipeline.distribute import capacity, demand, total
 from pipeline.errors import JobError
@@ -57,7 +57,7 @@ def test_plan_actors_cpu_one_per_node_unless_threads():
     plan = plan_actors(_cfg(), "cpu", [CPU_NODE, {"CPU": 12.0}])
     assert (plan.cpus, plan.workers, plan.options) == (12, 6, {"num_cpus": 12})   # fits the smaller node
     assert capacity([CPU_NODE, {"CPU": 12.0}], demand(plan.options)) == 2
-    plan = plan_actors(_cfg(threads=4, workers=1), "cpu", [CPU_NODE])
+    plan = plan_actors(_cfg(threads=4, batch=BatchConfig(workers=1)), "cpu", [CPU_NODE])
     assert (plan.cpus, plan.workers) == (4, 1) and capacity([CPU_NODE], demand(plan.options)) == 4
 
 
@@ -65,7 +65,7 @@ def test_plan_actors_accelerators_are_never_left_idle_by_cpu_reservations():
     plan = plan_actors(_cfg(), "cuda", [GPU_NODE])
     assert plan == ActorPlan("cuda", 3, 2, {"num_cpus": 3, "num_gpus": 1})
     assert capacity([GPU_NODE], demand(plan.options)) == 8
-    plan = plan_actors(_cfg(workers=8), "cuda", [GPU_NODE])          # wants 9 CPUs, the node has 4 per GPU
+    plan = plan_actors(_cfg(batch=BatchConfig(workers=8)), "cuda", [GPU_NODE])          # wants 9 CPUs, the node has 4 per GPU
     assert (plan.cpus, plan.workers) == (4, 8) and capacity([GPU_NODE], demand(plan.options)) == 8
     plan = plan_actors(_cfg(), "npu", [NPU_NODE, CPU_NODE])
     assert plan.options == {"num_cpus": 3, "resources": {"NPU": 1}}

@@ -29,7 +29,7 @@ def test_jobfile_paths_relative_to_file_and_flags_override(tmp_path):
     assert cfg.decode.max_new_tokens == 8          # flag wins
     assert cfg.prompt == "What is this?"           # unset flag keeps the file's value
     assert cfg.quiet is False                      # an explicit --no-quiet beats the file
-    assert cfg.max_batch_size == 4 and cfg.shard_size == 256 and cfg.config_file == str(p)
+    assert cfg.batch.max_batch_size == 4 and cfg.shard_size == 256 and cfg.config_file == str(p)
 
 
 def test_unknown_key_suggests_and_types_checked(tmp_path):
@@ -60,7 +60,7 @@ def test_run_config_checks():
                         ArraySlice())
     d = cfg.decode
     assert (d.temperature, d.top_p, d.top_k, d.seed, d.ignore_eos, d.repetition_penalty) == (0.7, 0.9, 20, 3, True, 1.1)
-    assert cfg.memory_budget_gib == 2 and cfg.engine == "ray" and cfg.ray_address == "auto"
+    assert cfg.batch.memory_budget_gib == 2 and cfg.engine == "ray" and cfg.ray_address == "auto"
 
 
 def test_array_slice_from_flags_and_env():
@@ -93,3 +93,61 @@ def test_shipped_example_job_files_are_valid():
         assert cfg.prompt_preset is None or cfg.prompt_preset in PRESETS
     samples = to_run_config(read_jobfile(folder / "samples.toml"), ArraySlice())
     assert Path(samples.manifest).is_file() and (Path(samples.model) / "config.json").is_file()
+
+
+# -- the declarations are the one table: any valid option set lands on its field, from a file or flags --
+
+def _value(d):
+    from hypothesis import strategies as st
+
+    o = d.option
+    if o.choices:
+        return st.sampled_from(o.choices)
+    if d.type is bool:
+        return st.booleans()
+    if d.type is int:
+        return st.integers(int(o.min if o.min is not None else -10), int(o.max if o.max is not None else 10**6))
+    if d.type is float:
+        low = o.min if o.min is not None else (o.above + 1e-3 if o.above is not None else -1e3)
+        return st.floats(low, o.max if o.max is not None else 1e6, allow_nan=False)
+    return st.text("abc xyz/<>", min_size=1, max_size=8).filter(str.strip)
+
+
+def _options_strategy():
+    from hypothesis import strategies as st
+
+    from pipeline.jobfile import OPTIONS
+    # not the slice (resolved with the environment), the contradicting pair, or paths (resolved against the file)
+    names = [n for n, d in OPTIONS.items()
+             if d.target[0] != "array" and n not in ("overwrite", "retry_failed") and not d.option.path]
+    return st.lists(st.sampled_from(names), unique=True, max_size=12).flatmap(
+        lambda chosen: st.fixed_dictionaries({n: _value(OPTIONS[n]) for n in chosen}))
+
+
+def _field(cfg, target):
+    for name in target:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def test_any_valid_options_land_on_their_fields_from_a_job_file_or_flags(tmp_path):
+    import json as _json
+
+    from hypothesis import given, settings
+
+    from pipeline.jobfile import OPTIONS
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(_options_strategy())
+    def each(opts):
+        flags = {"manifest": "/m.txt", "model": "/ckpt", "out": "/run", **opts}
+        cfg = to_run_config(flags, ArraySlice())
+        for name, value in opts.items():
+            assert _field(cfg, OPTIONS[name].target) == value, name
+        toml = "".join(f"{k.replace('_', '-')} = {_json.dumps(v)}\n" for k, v in flags.items())
+        job = _job(tmp_path, toml)
+        from_file = read_jobfile(job)
+        assert from_file == flags
+        assert to_run_config(from_file, ArraySlice()) == cfg
+
+    each()

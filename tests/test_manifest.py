@@ -141,7 +141,7 @@ def test_manifest_command_writes_relative_paths(tmp_path):
     images = tmp_path / "images"
     _tree(images)
     out = tmp_path / "lists" / "m.txt"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "manifest", str(images), "--sample", "3", "--seed", "0",
+    r = subprocess.run([sys.executable, "-m", "cli", "manifest", str(images), "--sample", "3", "--seed", "0",
                         "-o", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     man = read_manifest(out)

@@ -100,7 +100,7 @@ def killed_ray_run(cluster, tmp_path_factory):
     actors have gone. Returns (command, run dir, markers at that point)."""
     manifest, _ = reference_run()
     out = tmp_path_factory.mktemp("killed") / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
+    cmd = [sys.executable, "-m", "cli", "caption", "--manifest", str(manifest), "--model", str(CKPT),
            "--out", str(out), *CORPUS_ARGS, *RAY_FLAGS, "--ray-address", cluster]
     log = open(tmp_path_factory.mktemp("logs") / "driver.log", "w+")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
@@ -132,7 +132,7 @@ def test_same_command_resumes_killed_ray_run(killed_ray_run, tmp_path):
     cmd = [str(out) if a == str(src) else a for a in cmd]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert f"to do: {SHARDS - len(before)} shard(s)" in r.stderr
+    assert f"this process: {SHARDS - len(before)} shard(s) to do" in r.stderr
     after = markers(out)
     assert {k: after[k] for k in before} == before                 # committed shards were not redone
     _, ref = reference_run()

@@ -13,9 +13,10 @@ import torch
 
 from models.base import PixelInputs, PromptPlan
 from pipeline.errors import JobError
-from pipeline.records import Caption, Failed, ImageInputs, ImageRef, VisionFeatures
+from pipeline.records import Caption, Failed, ImageRef
 from pipeline.runner import Runner, ShardWork, Stages, Timers
 from pipeline.workers import OrderedPool
+from stages.records import ImageInputs, VisionFeatures
 
 
 def _refs(n: int, size: int, bad=()) -> list[ShardWork]:

@@ -21,7 +21,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from jobs import score as score_job  # noqa: E402
 from jobs.score import ImageIndex, ScoreConfig, ScoreError, read_captions  # noqa: E402
-from pipeline.cli import app  # noqa: E402
+from cli.app import app  # noqa: E402
 
 TINY = "tiny-clip-test"
 TINY_CFG = {
@@ -280,7 +280,7 @@ def test_cli_errors_are_one_line_and_config_names_the_model(tiny, images, tmp_pa
     src.write_text(json.dumps({"rgb_64x48.png": "a cat"}))
     res = CliRunner().invoke(app, ["score", str(src), "--images", str(root), "--clip-weights",
                                    str(tmp_path / "nope.bin"), "--clip-model", TINY])
-    assert res.exit_code == 2 and "error: --clip-weights" in res.output and "no such file" in res.output
+    assert res.exit_code == 2 and "ERROR pipeline: --clip-weights" in res.output and "no such file" in res.output
     # --clip-config alone names the architecture by its file stem
     out = tmp_path / "o.parquet"
     run_cli("score", src, "--images", root, "--clip-weights", tiny["pt"], "--clip-config", tiny["config"],

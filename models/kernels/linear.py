@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from models.base import dtype_name
+
 log = logging.getLogger(__name__)
 
 PANEL = 16                       # output columns per packed panel (the kernel's NR)
@@ -64,7 +66,7 @@ class WideningLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight={str(self.panels.dtype).removeprefix('torch.')}")
+                f"bias={self.bias is not None}, weight={dtype_name(self.panels.dtype)}")
 
 
 def widen_linears(module: nn.Module, ops) -> dict[str, int]:
@@ -74,7 +76,7 @@ def widen_linears(module: nn.Module, ops) -> dict[str, int]:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in WEIGHT_DTYPES:
                 setattr(parent, name, WideningLinear(child, ops))
-                key = str(child.weight.dtype).removeprefix("torch.")
+                key = dtype_name(child.weight.dtype)
                 counts[key] = counts.get(key, 0) + 1
     log.debug("widening linears: %s", counts)
     return counts

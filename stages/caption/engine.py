@@ -20,21 +20,17 @@ import torch
 
 from models.base import LoadedModel
 from models.kv_cache import CacheShape, KVCache
-from pipeline.config import DecodeConfig
-from pipeline.records import Caption, Failed, VisionFeatures
+from pipeline.config import BatchConfig, DecodeConfig
+from pipeline.records import Caption, Failed
 from stages.caption import memory
 from stages.caption.sampling import choose, request_generator
 from stages.caption.scheduler import SlotScheduler
+from stages.records import VisionFeatures
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    max_batch_size: int | None = None        # slots; None = from the memory budget (capped at 16)
-    memory_budget_gib: float | None = None   # None = most of the currently available memory
-    kv_bucket: int = 64                      # cache lengths attended per step are rounded to this
-    max_prefill_batch: int = 4               # requests prefilled together (same length bucket)
+EngineOptions = BatchConfig     # max_batch_size, memory_budget_gib, slot_cap, kv_bucket, max_prefill_batch
 
 
 @dataclass

@@ -14,7 +14,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SLOTS = 16
 ACTIVATION_ALLOWANCE = 1.5     # slot bytes x this: KV plus per-row activations and logits
 
 
@@ -30,13 +29,13 @@ def available_bytes(device: torch.device) -> int:
 
 
 def plan_slots(slot_bytes: int, options, device: torch.device) -> int:
-    """Slots = min(max_batch_size or DEFAULT_MAX_SLOTS, budget // (slot_bytes x allowance)), >= 1."""
+    """Slots = min(max_batch_size or slot_cap, budget // (slot_bytes x allowance)), >= 1."""
     if options.memory_budget_gib is not None:
         budget = int(options.memory_budget_gib * 2**30)
     else:
         budget = int(0.7 * available_bytes(device))
     fit = max(1, int(budget // max(1, slot_bytes * ACTIVATION_ALLOWANCE)))
-    cap = options.max_batch_size or DEFAULT_MAX_SLOTS
+    cap = options.max_batch_size or options.slot_cap
     slots = max(1, min(cap, fit))
     if options.max_batch_size and slots < options.max_batch_size:
         log.warning("memory budget fits %d slots, fewer than --max-batch-size %d", slots, options.max_batch_size)

@@ -1,7 +1,7 @@
-"""`status` and `export`: reading a run directory without touching a model.
+"""`pipeline status`: where a run stands, from run.json and the done markers alone.
 
-status reads run.json and the done markers only (never the Parquet data), so it is instant on a
-run of millions of images and safe to call while array tasks are writing.
+It never reads the Parquet data (nor imports torch or a model), so it is instant on a run of
+millions of images and safe to call while array tasks are writing.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import JobError
 from pipeline.ledger import Ledger
-from stages.write import EXPORT_FORMATS, export, read_shards
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +34,7 @@ class StatusReport:
     new_tokens: int
     per_process: dict[str, float] = field(default_factory=dict)   # host:pid -> images/s
     complete: bool = False
+    set_aside: tuple[int, ...] = ()                 # pending because their data failed verification
 
     @property
     def failed(self) -> int:
@@ -53,6 +52,10 @@ class StatusReport:
             + (f": {', '.join(map(str, self.pending_shards[:10]))}{' ...' if len(self.pending_shards) > 10 else ''}"
                if self.pending_shards else ""),
         ]
+        if self.set_aside:
+            lines.append(f"set aside  {len(self.set_aside)} shard(s) whose data no longer matched its done marker: "
+                         f"{', '.join(map(str, self.set_aside[:10]))}{' ...' if len(self.set_aside) > 10 else ''} "
+                         f"(the next caption run redoes them)")
         if self.span_s > 0:
             lines.append(f"throughput {self.processed / self.span_s:.2f} img/s, {self.new_tokens / self.span_s:.1f} new tok/s "
                          f"over {self.span_s:.1f} s ({len(self.per_process)} process(es))")
@@ -79,29 +82,11 @@ def status(run_dir: str | Path) -> StatusReport:
         p[1] = min(p[1], m.started)
         p[2] = max(p[2], m.finished)
     return StatusReport(
-        run_dir=str(run_dir), model=str(run.get("config", {}).get("model", "?")), fingerprint=ledger.fingerprint,
+        run_dir=str(run_dir), model=str(run.config.get("model", "?")), fingerprint=ledger.fingerprint,
         n_images=layout.n_images, n_shards=layout.n_shards, shard_size=size, done_shards=len(markers),
         done_images=sum(m.rows for m in markers.values()), status=dict(sorted(hist.items())),
         pending_shards=pending, pending_images=pending_images, span_s=span,
         processed=sum(m.processed for m in markers.values()), new_tokens=sum(m.new_tokens for m in markers.values()),
         per_process={k: (n / (b - a) if b > a else 0.0) for k, (n, a, b) in procs.items()},
-        complete=not pending and (Path(run_dir) / "captions.json").exists())
-
-
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, partial: bool = False) -> Path:
-    """Merge the committed shards into one file (default RUN_DIR/captions.<fmt>)."""
-    if fmt not in EXPORT_FORMATS:
-        raise JobError(f"--format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
-    ledger = Ledger(run_dir)
-    ledger.read_run()
-    markers = ledger.markers()
-    missing = ledger.layout.n_shards - len(markers)
-    if not markers:
-        raise JobError(f"{run_dir}: no shard is committed yet; nothing to export")
-    if missing and not partial:
-        raise JobError(f"{run_dir}: {missing} shard(s) are not committed yet; finish the run "
-                       f"(re-run the caption command) or pass --partial to export what is done")
-    target = Path(out) if out else Path(run_dir) / f"captions.{fmt}"
-    export(read_shards(ledger, markers), fmt, target)
-    log.info("exported %d shard(s) to %s%s", len(markers), target, f" ({missing} missing)" if missing else "")
-    return target
+        complete=not pending and (Path(run_dir) / "captions.json").exists(),
+        set_aside=tuple(s for s in ledger.set_aside_shards() if s in pending))

@@ -5,11 +5,13 @@ Parsing and printing only; the work is in jobs/score.py and jobs/compare.py.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from cli.guard import guarded
+from pipeline.progress import setup_logging
 
 _SOURCE = "a run directory, a captions JSON ({image: caption}, keys are file names or paths) or a Parquet file"
 
@@ -21,18 +23,6 @@ def _config(images: Path, clip_weights: Path, clip_model: str, clip_config: Opti
                        device=device, dtype=dtype, batch_size=batch_size, workers=workers)
 
 
-def _logging(quiet: bool) -> None:
-    # Root stays at WARNING: open_clip logs its construction steps at INFO on the root logger.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("pipeline", "jobs", "models", "stages"):
-        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
-
-
 def _label(source: Path) -> str:
     return source.name if source.is_dir() else source.stem
 
@@ -41,6 +31,7 @@ def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
 
     @app.command("score")
+    @guarded
     def score(
         source: Path = typer.Argument(..., metavar="RUN_DIR|CAPTIONS_JSON", help=f"Captions to judge: {_SOURCE}."),
         images: Path = typer.Option(..., "--images", help="Folder the captioned images are under (keys resolve against it)."),
@@ -58,20 +49,17 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="Warnings only on stderr."),
     ) -> None:
         """Judge captions with CLIP: per-image cosine (and 100·max(cos,0)); prints mean, median, count."""
-        from jobs.score import ScoreError, run_score
-        from pipeline.device import DeviceError
+        from jobs.score import run_score
 
-        _logging(quiet)
-        try:
-            summary, path = run_score(_config(images, clip_weights, clip_model, clip_config, device, dtype,
-                                              batch_size, workers), source, out)
-        except (ScoreError, DeviceError) as e:
-            _fail(e)
+        setup_logging(quiet)
+        summary, path = run_score(_config(images, clip_weights, clip_model, clip_config, device, dtype,
+                                          batch_size, workers), source, out)
         for line in summary.lines():
             typer.echo(line)
         typer.echo(f"per-image scores: {path}")
 
     @app.command("compare")
+    @guarded
     def compare(
         a: Path = typer.Argument(..., metavar="A", help=f"Baseline captions: {_SOURCE}."),
         b: Path = typer.Argument(..., metavar="B", help="Captions compared against A (same forms)."),
@@ -96,19 +84,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Paired comparison of two runs on their common images: mean Δ cosine with a bootstrap 95% CI."""
         from jobs.compare import most_different, run_compare
-        from jobs.score import ScoreError
-        from pipeline.device import DeviceError
 
-        _logging(quiet)
+        setup_logging(quiet)
         labels = (label_a or _label(a), label_b or _label(b))
         if labels[0] == labels[1]:
             labels = (labels[0] + " (A)", labels[1] + " (B)")
-        try:
-            result = run_compare(_config(images, clip_weights, clip_model, clip_config, device, dtype, batch_size,
-                                         workers), a, b, html=html, top_k=top_k, n_boot=n_boot, seed=seed,
-                                 tie_tol=tie_tol, save_scores=save_scores, labels=labels)
-        except (ScoreError, DeviceError) as e:
-            _fail(e)
+        result = run_compare(_config(images, clip_weights, clip_model, clip_config, device, dtype, batch_size,
+                                     workers), a, b, html=html, top_k=top_k, n_boot=n_boot, seed=seed,
+                             tie_tol=tie_tol, save_scores=save_scores, labels=labels)
         s = result.stats
         typer.echo(f"{labels[0]}: mean cosine {s.mean_a:.4f}   {labels[1]}: mean cosine {s.mean_b:.4f}   "
                    f"(common images {s.n}; only in {labels[0]} {result.only_a}, only in {labels[1]} {result.only_b})")

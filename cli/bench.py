@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from cli.guard import guarded
+
 log = logging.getLogger("pipeline")
 
 
@@ -25,8 +27,21 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _check_image(path: str) -> None:
+    """Before minutes of model loading: the image opens (through the captioner's safe opener)."""
+    from pipeline.config import ImageLimits
+    from pipeline.errors import JobError
+    from stages.preprocess import ImageError, open_image
+
+    try:
+        open_image(path, ImageLimits())
+    except ImageError as e:
+        raise JobError(f"--image {path}: {e} ({e.status})") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
+    @guarded
     def bench(
         image: str = typer.Option(..., "--image", help="the image replicated to every batch slot"),
         model: Optional[str] = typer.Option(None, "--model", help="checkpoint folder (original HF format)"),
@@ -49,13 +64,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure captioning throughput: one image replicated, batch 1..10, 256 tokens, EOS ignored."""
         from jobs.bench import BenchConfig, run
-        from pipeline.progress import setup_logging
 
-        setup_logging()
         if bool(model) == bool(random_weights):
             raise typer.BadParameter("give exactly one of --model DIR or --random-weights bunny|minicpmv2")
         if random_weights and random_weights not in ("bunny", "minicpmv2"):
             raise typer.BadParameter("--random-weights takes bunny or minicpmv2")
+        _check_image(image)
         cfg = BenchConfig(image=image, model_dir=model, random_weights=random_weights, random_dir=random_dir,
                           batch_sizes=parse_sizes(batch_sizes), decode_batch_sizes=parse_sizes(decode_batch_sizes),
                           max_new_tokens=max_new_tokens, question=prompt, dtype=dtype, device=device,

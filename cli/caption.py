@@ -1,0 +1,46 @@
+"""`pipeline caption`: its flags are generated from the option declarations in pipeline/config.py
+(the same ones the TOML job file is checked against), so a new option is declared once."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cli.guard import guarded
+from pipeline.config import Declared, declared
+
+
+def _parameter(d: Declared) -> inspect.Parameter:
+    names = [d.name, *d.option.aliases]
+    if d.type is bool:
+        decls = [f"--{n.replace('_', '-')}/--no-{n.replace('_', '-')}" for n in names[:1]]
+    else:
+        decls = ["--" + n.replace("_", "-") for n in names]
+    # default None: a flag left out must not override the job file (pipeline/jobfile.merge)
+    default = typer.Option(None, *decls, help=d.help_text(), rich_help_panel=d.option.panel,
+                           show_default=False)
+    return inspect.Parameter(d.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[d.type])
+
+
+def caption(config: Optional[Path] = None, **flags: Any) -> None:
+    """Caption every image of a manifest into a run directory (resumable: re-run the same command)."""
+    from pipeline import jobfile
+
+    opts = jobfile.merge(jobfile.read_jobfile(config) if config else {}, flags)
+    cfg = jobfile.run_config(opts, str(config) if config else None)     # settings refused before torch loads
+    from jobs.caption import run_caption
+
+    raise typer.Exit(run_caption(cfg))
+
+
+_CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+    None, "--config", help="TOML job file with any of these options; flags override it", show_default=False))
+caption.__signature__ = inspect.Signature([_CONFIG, *(_parameter(d) for d in declared())])
+caption.__annotations__ = {p.name: p.annotation for p in caption.__signature__.parameters.values()}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("caption")(guarded(caption))
