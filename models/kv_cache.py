@@ -25,14 +25,19 @@ class CacheShape:
         return 2 * self.n_layers * self.slots * self.kv_heads * self.max_len * self.head_dim * elem
 
 
+def allocate(dims: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """One zeroed layer tensor (the single allocation point, so tests can inject a failure)."""
+    return torch.zeros(dims, dtype=dtype, device=device)
+
+
 class KVCache:
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.shape = shape
         dims = (shape.slots, shape.kv_heads, shape.max_len, shape.head_dim)
         # zeros, not empty: masked-out positions are multiplied by 0 probabilities, and
         # 0 * NaN from uninitialised memory would still poison the result.
-        self.k = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        self.v = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.n_layers)]
+        self.k = [allocate(dims, dtype, device) for _ in range(shape.n_layers)]
+        self.v = [allocate(dims, dtype, device) for _ in range(shape.n_layers)]
 
     @property
     def slots(self) -> int:
