@@ -166,32 +166,43 @@ def test_encoder_isolates_the_image_whose_error_recurs_alone(bunny_fp32, bunny_g
 
 
 # -- through the caption job -------------------------------------------------------------------------
+# The first 12 images of the shared corpus (3 shards of 4): its rows must equal those of the
+# shared uninterrupted reference run.
 
-def test_oom_in_encode_mid_shard_exits_1_and_a_rerun_completes(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def corpus12():
     manifest, reference = reference_run()
+    small = manifest.parent / "first12.txt"
+    small.write_text("".join(manifest.read_text().splitlines(keepends=True)[:12]))
+    return small, rows(reference)[:12]
+
+
+def test_oom_in_encode_mid_shard_exits_1_and_a_rerun_completes(tmp_path, monkeypatch, corpus12):
+    manifest, want = corpus12
     out = tmp_path / "run"
     real = VisionEncoder._encode
 
-    def oom_on_img013(self, batch):           # img013 is in shard 3 (shards of 4)
-        if any(b.ref.key == "img013.png" for b in batch):
+    def oom_on_img007(self, batch):           # img007 is in shard 1 (shards of 4)
+        if any(b.ref.key == "img007.png" for b in batch):
             raise torch.OutOfMemoryError(OOM)
         return real(self, batch)
 
-    monkeypatch.setattr(VisionEncoder, "_encode", oom_on_img013)
-    # two slots: the engine pulls little ahead, so shard 0 is committed before img013 is encoded
+    monkeypatch.setattr(VisionEncoder, "_encode", oom_on_img007)
     args = dict(manifest=manifest, out=out, max_new_tokens=4, shard_size=4, dtype="float32", batch_size=2)
     assert caption(**args) == EXIT_INFRA
     done = markers(out)
-    assert "00003.done.json" not in done and "00000.done.json" in done
+    # the shards open in the dead stream (1, and 0 if it was not finished yet) are not committed;
+    # the run went on with a fresh stream for shard 2
+    assert "00001.done.json" not in done and "00002.done.json" in done
     assert not (out / "captions.json").exists()
     monkeypatch.setattr(VisionEncoder, "_encode", real)
     assert caption(**args) == 0
     assert {k: v for k, v in markers(out).items() if k in done} == done            # committed shards untouched
-    assert rows(out) == rows(reference)
+    assert rows(out) == want
 
 
-def test_a_poison_image_is_one_error_row_and_its_shard_commits(tmp_path, monkeypatch):
-    manifest, reference = reference_run()
+def test_a_poison_image_is_one_error_row_and_its_shard_commits(tmp_path, monkeypatch, corpus12):
+    manifest, want = corpus12
     out = tmp_path / "run"
     real = VisionEncoder._encode
 
@@ -203,7 +214,7 @@ def test_a_poison_image_is_one_error_row_and_its_shard_commits(tmp_path, monkeyp
     monkeypatch.setattr(VisionEncoder, "_encode", nan_features_for_img007)
     args = dict(manifest=manifest, out=out, max_new_tokens=4, shard_size=4, dtype="float32")
     assert caption(**args) == 0
-    got, want = rows(out), rows(reference)
+    got = rows(out)
     bad = [r for r in got if r["status"] != "ok"]
     assert [(r["key"], r["status"], r["stage"]) for r in bad] == [("img007.png", "caption_error", "caption")]
     assert [r for r in got if r["key"] != "img007.png"] == [r for r in want if r["key"] != "img007.png"]
@@ -231,7 +242,7 @@ HANG = textwrap.dedent("""
     real, calls = CaptionEngine._decode_step, []
     def hang(self, rows, slots=None):
         calls.append(1)
-        if len(calls) == 7:
+        if len(calls) == 2:
             time.sleep(3600)                  # a device call that never returns
         return real(self, rows, slots)
     CaptionEngine._decode_step = hang
@@ -241,8 +252,8 @@ HANG = textwrap.dedent("""
 """)
 
 
-def test_a_hung_decode_ends_the_process_with_exit_1_and_a_rerun_completes(tmp_path):
-    manifest, reference = reference_run()
+def test_a_hung_decode_ends_the_process_with_exit_1_and_a_rerun_completes(tmp_path, corpus12):
+    manifest, want = corpus12
     out = tmp_path / "run"
     args = ["caption", "--manifest", str(manifest), "--model", str(CKPT), "--out", str(out), "--workers", "0",
             "--max-new-tokens", "4", "--shard-size", "4", "--dtype", "float32", "--quiet"]
@@ -253,7 +264,7 @@ def test_a_hung_decode_ends_the_process_with_exit_1_and_a_rerun_completes(tmp_pa
     assert p.returncode == EXIT_INFRA, p.stderr[-3000:]
     assert "decode step has not returned after" in p.stderr and "re-run the same command" in p.stderr
     assert time.monotonic() - t0 < 200
-    assert len(markers(out)) < 11 and not (out / "captions.json").exists()
+    assert len(markers(out)) < 3 and not (out / "captions.json").exists()
     subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, check=True, capture_output=True,
                    timeout=240)
-    assert rows(out) == rows(reference)
+    assert rows(out) == want
