@@ -60,7 +60,11 @@ def caption(
     max_aspect_ratio: Optional[float] = typer.Option(None, help="Longer/shorter side above this: extreme_aspect [default: 50]", rich_help_panel=_R),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress bar (cron); logs still go to stderr", rich_help_panel=_R),
 ) -> None:
-    """Caption every image of a manifest into a run directory (resumable: re-run the same command)."""
+    """Caption every image of a manifest into a run directory (resumable: re-run the same command).
+
+    Exit 1: a shard failed for an infrastructure reason (out of memory, device error, hung step).
+
+    A device step that does not return in PIPELINE_STEP_TIMEOUT seconds (default 900) ends the run."""
     cli = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "config"}
     from jobs.caption import run_caption
     from models.loading import CheckpointError

@@ -65,7 +65,8 @@ def choose(logits: torch.Tensor, cfg: DecodeConfig, history: list[list[int]] | N
         return torch.where(torch.isfinite(best), ids, -1)
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
     probs = logits.softmax(-1).cpu()
-    finite = torch.isfinite(probs).all(-1).tolist()
+    # a NaN or +inf logit (or a row of -inf) makes softmax NaN across the whole row: one column tells
+    finite = torch.isfinite(probs[:, 0]).tolist()
     bad = torch.tensor([-1])
     out = [torch.multinomial(probs[i], 1, generator=generators[i] if generators else None) if finite[i] else bad
            for i in range(probs.shape[0])]
