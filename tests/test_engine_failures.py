@@ -23,7 +23,7 @@ import torch
 
 from caption_helpers import CKPT, ROOT, caption, markers, reference_run, rows
 from conftest import BUNNY
-from helpers import features_for
+from helpers import features_for, inputs_for
 from pipeline.config import DecodeConfig
 from pipeline.errors import EXIT_INFRA
 from pipeline.records import Caption, Failed
@@ -121,17 +121,7 @@ def test_infrastructure_classification():
 # -- the encoder -------------------------------------------------------------------------------------
 
 def _inputs(loaded, golden):
-    from PIL import Image
-
-    from pipeline.records import ImageInputs, ImageRef
-    items = []
-    for i, name in enumerate(NAMES):
-        rel = golden["images"][name]["file"]
-        img = Image.open(BUNNY / rel).convert("RGB")
-        px = loaded.processor(img)
-        items.append(ImageInputs(ImageRef(name, rel, str(BUNNY / rel), 0, i), px,
-                                 loaded.prompts.build("Describe.", px), img.size[0], img.size[1], 0.0))
-    return items
+    return inputs_for(loaded, BUNNY, golden, NAMES, "Describe.")
 
 
 def test_encoder_oom_is_raised_and_logged(bunny_fp32, bunny_golden, monkeypatch, caplog):
