@@ -16,7 +16,6 @@ import sys
 import textwrap
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,10 +37,6 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 def _feats(loaded, golden):
     return features_for(loaded, BUNNY, golden, NAMES, "Describe this image in detail.")
-
-
-def _tokens(out) -> dict[str, tuple[int, ...]]:
-    return {c.ref.key: c.token_ids for c in out if isinstance(c, Caption)}
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from pipeline.records import Caption, Failed, VisionFeatures
 from stages import faults
 from stages.caption import memory
 from stages.caption.sampling import choose, request_generator
-from stages.caption.scheduler import Admission, CacheSize, Resize, SlotScheduler, StepPlan, round_up
+from stages.caption.scheduler import CacheSize, Resize, SlotScheduler, StepPlan, round_up
 from stages.watchdog import guard
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,7 @@ for activations (prefill of one ~800-token row is the peak).
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SLOTS = 16
 ACTIVATION_ALLOWANCE = 1.5     # slot bytes x this: KV plus per-row activations and logits
