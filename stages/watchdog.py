@@ -10,7 +10,8 @@ the process, and re-running the same command retries them.
 
 The timeout is PIPELINE_STEP_TIMEOUT seconds (default 900; 0 disables). One step is one batch, so
 the default leaves a wide margin over the slowest legitimate step (a full prefill group on a
-small CPU takes well under a minute).
+small CPU takes well under a minute). The check runs on the watchdog's own thread every few
+seconds; a step pays only two attribute writes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ENV = "PIPELINE_STEP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 900.0
+GRACE_S = 60.0              # the C-level fallback fires this long after the timeout
 
 
 def timeout_from_env() -> float:
@@ -58,6 +60,10 @@ class Watchdog:
     def __init__(self, timeout_s: float, on_stall: Callable[[str, float], None] = exit_process):
         self.timeout_s = timeout_s
         self.on_stall = on_stall
+        # A driver call that never releases the GIL would starve the watchdog thread too; then
+        # faulthandler's C timer, which that thread keeps re-arming, dumps the stacks and exits
+        # GRACE_S after the deadline. Only with the real exit (tests pass their own on_stall).
+        self.hard_exit = on_stall is exit_process
         self._current: tuple[str, float] | None = None      # (what, monotonic start), swapped atomically
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -80,13 +86,23 @@ class Watchdog:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
+                self._arm()
                 self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
                 self._thread.start()
+
+    def _arm(self) -> None:
+        """Re-arm the C-level fallback: it fires only if this thread cannot run (the GIL is held)
+        past the current call's deadline plus GRACE_S, or for timeout + GRACE_S when idle."""
+        if self.hard_exit:
+            current = self._current
+            left = self.timeout_s if current is None else self.timeout_s - (time.monotonic() - current[1])
+            faulthandler.dump_traceback_later(max(left, 0.0) + GRACE_S, exit=True)
 
     def _watch(self) -> None:
         poll = min(5.0, self.timeout_s / 4)
         while True:
             time.sleep(poll)
+            self._arm()
             current = self._current
             if current is not None and time.monotonic() - current[1] > self.timeout_s:
                 self.on_stall(current[0], time.monotonic() - current[1])

@@ -221,6 +221,21 @@ def test_watchdog_reports_a_call_that_does_not_return():
     assert len(stalls) == 1                    # idle time between calls is not a stall
 
 
+def test_a_call_holding_the_gil_is_ended_by_the_c_level_fallback():
+    """A hang inside C code that keeps the GIL starves the watchdog thread: faulthandler exits."""
+    code = textwrap.dedent("""
+        import ctypes
+        from stages import watchdog
+        watchdog.GRACE_S = 1.0
+        dog = watchdog.Watchdog(1.0)
+        with dog.guard("decode step"):
+            ctypes.PyDLL(None).sleep(60)      # PyDLL: the GIL stays held for the whole call
+    """)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert p.returncode == EXIT_INFRA and "Timeout" in p.stderr and time.monotonic() - t0 < 40, p.stderr
+
+
 HANG = textwrap.dedent("""
     import sys, time
     from stages.caption.engine import CaptionEngine
