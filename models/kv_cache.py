@@ -54,9 +54,9 @@ class KVCache:
     def resize(self, slots: int, max_len: int, keep: int) -> None:
         """Reshape to slots x max_len, copying rows 0..keep-1 (their first min(old, new) positions).
 
-        One layer tensor at a time is allocated, filled and swapped in, so the peak is the new
-        cache plus one old layer tensor, not both caches. If an allocation fails, each layer has
-        either its old or its new shape and rows 0..keep-1 are intact in all of them; `shape` then
+        One layer (its k and v) at a time is allocated, filled and swapped in, so the peak is the
+        new cache plus one old layer, not both caches. If an allocation fails, each layer has
+        either its old or its new shape (k and v alike) and rows 0..keep-1 are intact in all; `shape` then
         says what every layer has at least, and calling resize again (with fewer slots, say)
         finishes the job from there.
         """
@@ -64,15 +64,18 @@ class KVCache:
         if keep > min(slots, self.shape.slots):
             raise ValueError(f"cannot keep {keep} rows in a resize from {self.shape.slots} to {slots} slots")
         try:
-            for tensors in (self.k, self.v):
-                for i, old in enumerate(tensors):
-                    if tuple(old.shape) == target.dims:
-                        continue
-                    new = allocate(target.dims, old.dtype, old.device)
-                    n = min(old.shape[2], max_len)
-                    new[:keep, :, :n] = old[:keep, :, :n]
-                    tensors[i] = new
-                    del old, new                    # the old layer is freed before the next is allocated
+            for i in range(self.shape.n_layers):
+                old_k, old_v = self.k[i], self.v[i]
+                if tuple(old_k.shape) == target.dims:
+                    continue
+                # both new tensors first: a layer's k and v always have the same shape (kernels check)
+                new_k = allocate(target.dims, old_k.dtype, old_k.device)
+                new_v = allocate(target.dims, old_v.dtype, old_v.device)
+                n = min(old_k.shape[2], max_len)
+                new_k[:keep, :, :n] = old_k[:keep, :, :n]
+                new_v[:keep, :, :n] = old_v[:keep, :, :n]
+                self.k[i], self.v[i] = new_k, new_v
+                del old_k, old_v, new_k, new_v      # the old layer is freed before the next is allocated
         except BaseException:
             self.shape = replace(self.shape, slots=min(slots, self.shape.slots),
                                  max_len=min(max_len, self.shape.max_len))

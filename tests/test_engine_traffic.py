@@ -10,11 +10,12 @@ arbitrary or ascending length order (small first, large later: the growth case);
 varied steps through a test-only stop set of tokens the tiny models emit; greedy or seeded
 sampling; 1-8 slots; small memory budgets so growth shrinks the slot count.
 
-The pool's prompt embeddings are the family's real text embeddings with seeded random image
-features spliced in (running the ViT would only cost time: the engine sees embeddings). The
-"alone" reference of each pool item is decoded once without stops; with a stop set S the alone
-result is that sequence cut after its first token in S, which is exactly what decoding alone with
-S does. Default run: a fixed seed and a few examples per family; `-m slow` runs many more.
+The models load as `pipeline caption` loads them on this machine (with its CPU kernels for the
+linear layers and decode attention where they apply). The pool's prompt embeddings are the
+family's real text embeddings with seeded random image features spliced in (running the ViT
+would only cost time: the engine sees embeddings). The "alone" reference of each pool item is
+decoded once without stops; with a stop set S the alone result is that sequence cut after its
+first token in S, which is exactly what decoding alone with S does. Default run: a fixed seed and a few examples per family; `-m slow` runs many more.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 from models import kv_cache
 from models.base import PixelInputs
 from pipeline.config import DecodeConfig
-from pipeline.records import ImageRef, VisionFeatures
+from pipeline.records import Failed, ImageRef, VisionFeatures
 from stages.caption.engine import CaptionEngine, EngineOptions
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -53,9 +54,12 @@ class Item:
 
 @cache
 def _loaded(family: str):
-    from models import bunny, minicpmv2
-    mod, folder = {"bunny": (bunny, "bunny-tiny"), "minicpmv2": (minicpmv2, "minicpmv2-tiny")}[family]
-    return mod.load(GOLDEN / folder / "checkpoint", torch.float32, torch.device("cpu"))
+    """The model as `pipeline caption` loads it here: with this CPU's kernels where they apply."""
+    from models.registry import load_model
+    from pipeline.device import cpu_kernels
+    folder = {"bunny": "bunny-tiny", "minicpmv2": "minicpmv2-tiny"}[family]
+    cpu = torch.device("cpu")
+    return load_model(GOLDEN / folder / "checkpoint", torch.float32, cpu, kernels=cpu_kernels(cpu, torch.float32))
 
 
 @cache
@@ -165,6 +169,7 @@ def _check(family: str, case, monkeypatch) -> None:
     feats = [_features(pool[i], pos) for pos, i in enumerate(order)]
     got = {}
     for cap in eng.run(feats):
+        assert not isinstance(cap, Failed), cap
         assert cap.ref.index not in got, "a request came back twice"
         got[cap.ref.index] = cap
     assert sorted(got) == list(range(len(order))), "requests lost"

@@ -41,6 +41,7 @@ def test_a_failed_allocation_keeps_every_live_row_and_the_retry_completes(monkey
     with pytest.raises(RuntimeError, match="allocate"):
         c.resize(4, 16, keep=2)
     assert {tuple(t.shape) for t in c.k + c.v} == {(4, 2, 16, 4), (4, 2, 8, 4)}      # mixed layers
+    assert all(k.shape == v.shape for k, v in zip(c.k, c.v))                           # never within a layer
     assert c.shape.slots == 4 and c.shape.max_len == 8                                 # what all layers have
     for old, t in zip(before, c.k + c.v):
         assert torch.equal(t[:2, :, :8], old)
