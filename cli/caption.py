@@ -26,7 +26,11 @@ def _parameter(d: Declared) -> inspect.Parameter:
 
 
 def caption(config: Optional[Path] = None, **flags: Any) -> None:
-    """Caption every image of a manifest into a run directory (resumable: re-run the same command)."""
+    """Caption every image of a manifest into a run directory (resumable: re-run the same command).
+
+    Exit 1: a shard failed for an infrastructure reason (out of memory, device error, hung step).
+
+    A device step that does not return in PIPELINE_STEP_TIMEOUT seconds (default 900) ends the run."""
     from pipeline import jobfile
 
     opts = jobfile.merge(jobfile.read_jobfile(config) if config else {}, flags)

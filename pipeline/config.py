@@ -88,6 +88,7 @@ class BatchConfig:
                                              help="GiB for the KV cache and activations",
                                              default_text="70% of the memory available after the model load")
     slot_cap: int = 16                     # slots when --batch-size is not given and memory allows more
+    cache_granule: int = 256               # the KV cache grows in multiples of this many positions
     kv_bucket: int = option(64, panel=BATCHING, min=1,
                             help="Cache lengths a decode step attends are rounded up to this")
     max_prefill_batch: int = option(4, name="prefill_batch", panel=BATCHING, min=1,

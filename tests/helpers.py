@@ -11,8 +11,9 @@ from stages.encode import VisionEncoder
 from stages.records import ImageInputs
 
 
-def features_for(loaded, root: Path, golden: dict, names: list[str], question: str, questions: dict | None = None):
-    """VisionFeatures for golden images (keys = names), optionally with a per-name question."""
+def inputs_for(loaded, root: Path, golden: dict, names: list[str], question: str,
+               questions: dict | None = None) -> list[ImageInputs]:
+    """Preprocessed golden images (keys = names), optionally with a per-name question."""
     items = []
     for i, name in enumerate(names):
         rel = golden["images"][name]["file"] if "images" in golden else name
@@ -20,4 +21,9 @@ def features_for(loaded, root: Path, golden: dict, names: list[str], question: s
         px = loaded.processor(img)
         plan = loaded.prompts.build((questions or {}).get(name, question), px)
         items.append(ImageInputs(ImageRef(name, rel, str(root / rel), 0, i), px, plan, img.size[0], img.size[1], 0.0))
-    return VisionEncoder(loaded)(items)
+    return items
+
+
+def features_for(loaded, root: Path, golden: dict, names: list[str], question: str, questions: dict | None = None):
+    """VisionFeatures for golden images (keys = names), optionally with a per-name question."""
+    return VisionEncoder(loaded)(inputs_for(loaded, root, golden, names, question, questions))

@@ -82,8 +82,7 @@ def test_failed_records_pass_through(bunny_fp32, bunny_golden):
 
 
 def test_memory_budget_sizes_the_slots_and_oom_halves_them(bunny_fp32, bunny_golden, monkeypatch):
-    from models.kv_cache import KVCache
-    from stages.caption import engine as engine_mod
+    from models import kv_cache
     from stages.caption import memory
 
     feats = features_for(bunny_fp32, BUNNY, bunny_golden, NAMES, "Describe this image in detail.")
@@ -92,13 +91,14 @@ def test_memory_budget_sizes_the_slots_and_oom_halves_them(bunny_fp32, bunny_gol
     opts = EngineOptions(max_batch_size=16, memory_budget_gib=3.2 * per_slot * memory.ACTIVATION_ALLOWANCE / 2**30)
     assert memory.plan_slots(per_slot, opts, torch.device("cpu")) == 3
 
-    class FlakyCache(KVCache):             # "allocation fails" above 2 slots
-        def __init__(self, shape, dtype, device="cpu"):
-            if shape.slots > 2:
-                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-            super().__init__(shape, dtype, device)
+    real = kv_cache.allocate
 
-    monkeypatch.setattr(engine_mod, "KVCache", FlakyCache)
+    def flaky(dims, dtype, device):         # "allocation fails" above 2 slots
+        if dims[0] > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real(dims, dtype, device)
+
+    monkeypatch.setattr(kv_cache, "allocate", flaky)
     eng = CaptionEngine(bunny_fp32, DecodeConfig(max_new_tokens=6), EngineOptions(max_batch_size=8))
     out = {r.ref.key: r.token_ids for r in eng.run(feats)}
     assert eng.stats.slots == 2 and eng.stats.oom_retries == 2              # 8 -> 4 -> 2

@@ -1,18 +1,16 @@
-"""Memory planner: how many KV-cache slots fit the budget.
+"""Memory planner: how many KV-cache slots of a given length fit the budget.
 
-The budget is `--memory-budget` GiB if given, else 70 % of the memory available now (host RAM
-for CPU, free device memory for CUDA/NPU) — the weights are already loaded at this point, so what
-is available is what the cache and activations may use. Each slot costs its KV cache plus an
-allowance for activations (prefill of one ~800-token row is the peak).
+The budget is `--memory-budget` GiB if given, else 70 % of the memory available when the engine
+first plans (host RAM for CPU, free device memory for CUDA/NPU) — the weights are already loaded
+then, so what is available is what the cache and activations may use. It is fixed for the
+engine's life: when the cache grows, its slot count is re-planned against the same budget (not
+against what is left after the current cache). Each slot costs its KV cache plus an allowance
+for activations (prefill of one ~800-token row is the peak).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 ACTIVATION_ALLOWANCE = 1.5     # slot bytes x this: KV plus per-row activations and logits
 
@@ -28,22 +26,17 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def plan_slots(slot_bytes: int, options, device: torch.device) -> int:
-    """Slots = min(max_batch_size or slot_cap, budget // (slot_bytes x allowance)), >= 1."""
+    cap = options.max_batch_size or options.slot_cap
+    return max(1, min(cap, fit))
     if options.memory_budget_gib is not None:
-        budget = int(options.memory_budget_gib * 2**30)
-    else:
-        budget = int(0.7 * available_bytes(device))
+        return int(options.memory_budget_gib * 2**30)
+    return int(0.7 * available_bytes(device))
+
+
+def plan_slots(slot_bytes: int, options, device: torch.device, budget: int | None = None) -> int:
+    """Slots = min(max_batch_size or slot_cap, budget // (slot_bytes x allowance)), >= 1."""
+    if budget is None:
+        budget = budget_bytes(options, device)
     fit = max(1, int(budget // max(1, slot_bytes * ACTIVATION_ALLOWANCE)))
     cap = options.max_batch_size or options.slot_cap
-    slots = max(1, min(cap, fit))
-    if options.max_batch_size and slots < options.max_batch_size:
-        log.warning("memory budget fits %d slots, fewer than --max-batch-size %d", slots, options.max_batch_size)
-    return slots
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    msg = str(e).lower()
-    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    return max(1, min(cap, fit))

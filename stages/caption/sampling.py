@@ -53,13 +53,21 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def choose(logits: torch.Tensor, cfg: DecodeConfig, history: list[list[int]] | None = None,
            generators: list[torch.Generator] | None = None) -> torch.Tensor:
-    """logits [B, V] fp32 -> next token ids [B] (long, on the logits' device)."""
+    """logits [B, V] fp32 -> next token ids [B] (long, on the logits' device).
+
+    A row whose logits are not finite (NaN/inf: a numeric overflow or a corrupt input) gets id -1
+    instead of a meaningless argmax or a sampling error, so it neither passes as a caption nor
+    crashes its batch, and it consumes none of its neighbours' random numbers."""
     if cfg.repetition_penalty != 1.0 and history is not None:
         logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
     if cfg.greedy:
-        return logits.argmax(-1)
+        best, ids = logits.max(-1)            # one pass, as argmax; NaN propagates into best
+        return torch.where(torch.isfinite(best), ids, -1)
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
     probs = logits.softmax(-1).cpu()
-    out = [torch.multinomial(probs[i], 1, generator=generators[i] if generators else None)
+    # a NaN or +inf logit (or a row of -inf) makes softmax NaN across the whole row: one column tells
+    finite = torch.isfinite(probs[:, 0]).tolist()
+    bad = torch.tensor([-1])
+    out = [torch.multinomial(probs[i], 1, generator=generators[i] if generators else None) if finite[i] else bad
            for i in range(probs.shape[0])]
     return torch.cat(out).to(logits.device)
