@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models.base import LoadedModel
-from models.loading import CheckpointError, read_config
+from models.loading import CheckpointError, HeaderSource, read_config, safetensors_files
 
 # model_type as written in the original checkpoints' config.json -> module with load()
 FAMILIES: dict[str, str] = {
@@ -19,18 +20,51 @@ FAMILIES: dict[str, str] = {
 
 def family_of(model_dir: str | Path) -> str:
     mt = read_config(model_dir).get("model_type")
-    if mt not in FAMILIES:
-        raise CheckpointError(f"{model_dir}: model_type {mt!r} is not supported "
+    if not isinstance(mt, str) or mt not in FAMILIES:
+        raise CheckpointError(f"{model_dir}: model_type {str(mt)[:60]!r} is not supported "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
     return mt
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What check_checkpoint learnt about a checkpoint folder."""
+
+    family: str                 # config.json model_type, a key of FAMILIES
+    name: str                   # _name_or_path, for logs
+    parameters: int             # values the architecture needs (the files may hold a few unused ones)
+    weight_bytes: int           # bytes of the weight files on disk
+    dtypes: tuple[str, ...]     # the weights' stored dtypes, e.g. ("BF16",)
+
+
+def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
+    """Everything about a checkpoint folder that can be known without reading a weight.
+
+    config.json against its family's schema (types, ranges, divisibility), then the safetensors
+    headers against the architecture that config describes: the parameter count implied vs the
+    values stored, then every tensor's name, shape and dtype (models/checkpoint_check.py). Takes
+    milliseconds; a problem is one CheckpointError naming the field or tensor. Callers run it
+    before they write anything, so a bad checkpoint cannot leave a run dir behind.
+    """
+    family = family_of(model_dir)
+    module = importlib.import_module(FAMILIES[family])
+    src = HeaderSource(model_dir)
+    cfg, n = module.check(read_config(model_dir), src)
+    files = safetensors_files(model_dir)
+    return CheckpointInfo(family=family, name=cfg.name, parameters=n,
+                          weight_bytes=sum(f.stat().st_size for f in files),
+                          dtypes=tuple(sorted({src.dtype(t) for t in src.names()})))
+
+
 def load_frontend(model_dir: str | Path, template: str | None = None):
-    """(image processor, prompt builder) of a checkpoint, without weights: for CPU workers.
+    """(image processor, prompt builder) of a checkpoint: for CPU workers. No weight is read, but
+    the whole checkpoint is checked first (check_checkpoint): the frontend is the first thing
+    every process builds from a checkpoint, so one that cannot load fails here, in one line,
+    before a run dir is written, not after the workers have started.
 
     template: a prompt preset's template (None = the family default); exposed as prompts.template."""
-    module = importlib.import_module(FAMILIES[family_of(model_dir)])
-    return module.frontend(model_dir, template)
+    info = check_checkpoint(model_dir)
+    return importlib.import_module(FAMILIES[info.family]).frontend(model_dir, template)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, kernels=None) -> LoadedModel:
