@@ -207,7 +207,9 @@ def build_model_stages(cfg: RunConfig, ledger: Ledger, extra_types: dict, device
 def preprocess_pool(pre, workers: int) -> OrderedPool:
     """The ordered preprocessing pool both engines use (0 workers: `pre` is set up inline)."""
     return OrderedPool(pre, workers, ahead=max(2 * ENCODE_BATCH, 4 * workers),
-                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
+                       on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg),
+                       time_limit_s=pre.limits.max_seconds if workers else None,
+                       on_timeout=lambda ref, msg: Failed(ref, "preprocess", "timeout", msg))
 
 
 def _stream(cfg: RunConfig, manifest: Manifest, ledger: Ledger, pool: OrderedPool, work: list[ShardWork],

@@ -28,14 +28,17 @@ DEFAULT_PROMPT = "Describe this image in detail."
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000     # 10^8: a 10k x 10k photo; larger is refused as too_large
 DEFAULT_MAX_ASPECT_RATIO = 50.0            # 1 x 20000 strips etc. are refused (padding them to a square explodes)
+DEFAULT_MAX_IMAGE_SECONDS = 60.0           # a 10^8-pixel photo preprocesses in a few seconds on one loaded core
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Caps applied before any pixel is decoded: untrusted inputs must not exhaust memory."""
+    """Caps on one untrusted image: size and shape before any pixel is decoded (memory), and the
+    wall time its preprocessing may take (a pathological file must not hold a worker)."""
 
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    max_seconds: float = DEFAULT_MAX_IMAGE_SECONDS
 
 
 @dataclass(frozen=True)

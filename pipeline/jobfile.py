@@ -37,6 +37,7 @@ OPTIONS: dict[str, tuple[tuple[type, ...], bool]] = {
     "repetition_penalty": ((int, float), False), "seed": ((int,), False), "ignore_eos": ((bool,), False),
     "threads": ((int,), False), "quiet": ((bool,), False), "workers": ((int,), False),
     "max_image_pixels": ((int,), False), "max_aspect_ratio": ((int, float), False),
+    "max_image_seconds": ((int, float), False),
 }
 ALIASES = {"max_batch_size": "batch_size"}
 
@@ -113,8 +114,12 @@ def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | Non
                           temperature=temperature, top_p=top_p, top_k=int(opts.get("top_k") or 0),
                           repetition_penalty=float(opts.get("repetition_penalty") or 1.0),
                           seed=int(opts.get("seed") or 0), ignore_eos=bool(opts.get("ignore_eos")))
+    seconds = opts.get("max_image_seconds")
+    if seconds is not None and not 0 < seconds < float("inf"):
+        raise JobError(f"--max-image-seconds must be a positive number of seconds (got {seconds})")
     limits = ImageLimits(max_pixels=int(opts.get("max_image_pixels") or ImageLimits.max_pixels),
-                         max_aspect_ratio=float(opts.get("max_aspect_ratio") or ImageLimits.max_aspect_ratio))
+                         max_aspect_ratio=float(opts.get("max_aspect_ratio") or ImageLimits.max_aspect_ratio),
+                         max_seconds=float(seconds or ImageLimits.max_seconds))
     return RunConfig(manifest=str(opts["manifest"]), model=str(opts["model"]), out=str(opts["out"]),
                      prompt=opts.get("prompt"), prompt_preset=opts.get("prompt_preset"),
                      decode=decode, dtype=opts.get("dtype") or "auto", device=opts.get("device") or "auto",

@@ -58,6 +58,7 @@ def caption(
     shard_index: Optional[int] = typer.Option(None, help="Array job: this task (also SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX)", rich_help_panel=_R),
     max_image_pixels: Optional[int] = typer.Option(None, help="Larger images get status too_large [default: 10^8]", rich_help_panel=_R),
     max_aspect_ratio: Optional[float] = typer.Option(None, help="Longer/shorter side above this: extreme_aspect [default: 50]", rich_help_panel=_R),
+    max_image_seconds: Optional[float] = typer.Option(None, help="Preprocessing one image longer than this: timeout [default: 60]", rich_help_panel=_R),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress bar (cron); logs still go to stderr", rich_help_panel=_R),
 ) -> None:
     """Caption every image of a manifest into a run directory (resumable: re-run the same command)."""
