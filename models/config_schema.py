@@ -25,7 +25,7 @@ from models.loading import CheckpointError
 # check_checkpoint then compares the implied parameter count with the bytes on disk).
 MAX_VOCAB = 1 << 20
 MAX_HIDDEN = 1 << 16
-MAX_LAYERS = 1024
+MAX_LAYERS = 256
 MAX_HEADS = 1024
 MAX_INTERMEDIATE = 1 << 18
 MAX_POSITIONS = 1 << 18        # RoPE tables are [positions, head_dim] fp32: 128 MiB at head_dim 128

@@ -195,6 +195,16 @@ def linear_weight_names(module: nn.Module) -> set[str]:
     return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if type(m) is nn.Linear}
 
 
+def fuse(rule: Rule, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate a fused parameter's checkpoint tensors on dim 0 (q|k|v, gate|up); parts that
+    cannot stack (another width or rank) are a CheckpointError naming them."""
+    shapes = [tuple(p.shape) for p in parts]
+    if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+        raise CheckpointError(f"tensors {' + '.join(rule.sources)} have shapes {', '.join(map(str, shapes))}, "
+                              "which do not stack into one parameter")
+    return torch.cat(parts, dim=0)
+
+
 def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: torch.dtype,
               device: torch.device | str = "cpu", keep_stored: set[str] | None = None) -> set[str]:
     """Fill `module` (built on the meta device or not) from `src`; strict both ways.
@@ -211,7 +221,7 @@ def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: to
         if rule.target not in params:
             raise CheckpointError(f"internal name map targets unknown parameter {rule.target}")
         parts = [src.get(s) for s in rule.sources]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = parts[0] if len(parts) == 1 else fuse(rule, parts)
         if rule.transform is not None:
             t = rule.transform(t)
         want = tuple(params[rule.target].shape)

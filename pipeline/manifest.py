@@ -271,7 +271,8 @@ def scan_images(folder: str | os.PathLike) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: log.warning("skipped %s: %s", e.filename, e.strerror)):
         dirnames.sort()
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            # the text after the last dot: splitext would call "..jpg" or ".jpg" extension-less
+            if name[name.rfind("."):].lower() in IMAGE_EXTENSIONS:
                 rel = Path(dirpath, name).relative_to(root).as_posix()
                 (found if _is_utf8(rel) else undecodable).append(rel)
     _left_out(undecodable, "their names are not UTF-8 (a manifest is UTF-8 text)")

@@ -61,9 +61,7 @@ def test_keys_resolve_only_inside_images(tree):
 SEGMENTS = st.sampled_from(["..", ".", "sub", "dirlink", "a.png", "secret.png", "link_out.png", "b.png", "x"])
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(parts=st.lists(SEGMENTS, min_size=1, max_size=6), absolute=st.booleans())
-def test_no_key_resolves_outside_images(tmp_path_factory, parts, absolute):
+def _resolves_inside(tmp_path_factory, parts, absolute):
     """Whatever the key, a resolved path is a real file under the real --images folder."""
     base = tmp_path_factory.getbasetemp() / "judge-tree"
     if not base.exists():
@@ -79,6 +77,19 @@ def test_no_key_resolves_outside_images(tmp_path_factory, parts, absolute):
     assert (path is None) == (status != OK)
     if path is not None:
         assert os.path.commonpath([real_root, path]) == real_root and os.path.isfile(path)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(parts=st.lists(SEGMENTS, min_size=1, max_size=6), absolute=st.booleans())
+def test_no_key_resolves_outside_images(tmp_path_factory, parts, absolute):
+    _resolves_inside(tmp_path_factory, parts, absolute)
+
+
+@pytest.mark.slow
+@settings(max_examples=5000, deadline=None)
+@given(parts=st.lists(SEGMENTS, min_size=1, max_size=10), absolute=st.booleans())
+def test_no_key_resolves_outside_images_many(tmp_path_factory, parts, absolute):
+    _resolves_inside(tmp_path_factory, parts, absolute)
 
 
 def test_judge_opens_images_with_the_captioners_opener(tmp_path, monkeypatch):

@@ -101,6 +101,17 @@ NAMES = st.text(alphabet=st.sampled_from(list("ab #\n\r\t.é猫_") + ["\x0b", "\
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(names=st.lists(NAMES, min_size=1, max_size=6, unique=True), nested=st.booleans())
 def test_written_manifest_reads_back_exactly_the_files_it_lists(tmp_path_factory, names, nested):
+    _round_trip(tmp_path_factory, names, nested)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, deadline=None)
+@given(names=st.lists(NAMES, min_size=1, max_size=12, unique=True), nested=st.booleans())
+def test_written_manifest_reads_back_exactly_the_files_it_lists_many(tmp_path_factory, names, nested):
+    _round_trip(tmp_path_factory, names, nested)
+
+
+def _round_trip(tmp_path_factory, names, nested):
     """Round trip: every line of a written manifest resolves to one of the scanned files, each
     listed file once, and a file is missing from it only if its name cannot be a txt line."""
     tmp = tmp_path_factory.mktemp("scan")

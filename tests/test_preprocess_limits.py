@@ -55,10 +55,24 @@ def with_app1_thumbnail(data: bytes, thumb: bytes) -> bytes:
     return data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:]
 
 
+JPEGS = dict(mode=st.sampled_from(["RGB", "L"]), w=st.integers(8, 80), h=st.integers(8, 80), progressive=st.booleans(),
+             repeats=st.integers(0, 150), thumbnail=st.booleans(), mpo_tail=st.booleans())
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
-@given(mode=st.sampled_from(["RGB", "L"]), w=st.integers(8, 80), h=st.integers(8, 80), progressive=st.booleans(),
-       repeats=st.integers(0, 150), thumbnail=st.booleans(), mpo_tail=st.booleans())
+@given(**JPEGS)
 def test_count_scans_counts_the_main_image_scans(mode, w, h, progressive, repeats, thumbnail, mpo_tail):
+    _scans_counted(mode, w, h, progressive, repeats, thumbnail, mpo_tail)
+
+
+@pytest.mark.slow
+@settings(max_examples=500, deadline=None)
+@given(**JPEGS)
+def test_count_scans_counts_the_main_image_scans_many(mode, w, h, progressive, repeats, thumbnail, mpo_tail):
+    _scans_counted(mode, w, h, progressive, repeats, thumbnail, mpo_tail)
+
+
+def _scans_counted(mode, w, h, progressive, repeats, thumbnail, mpo_tail):
     data = repeat_last_scan(jpeg(mode, (w, h), progressive), repeats)
     if thumbnail:
         data = with_app1_thumbnail(data, jpeg("RGB", (16, 12), True, seed=1))      # 10 scans of its own
