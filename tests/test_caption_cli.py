@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

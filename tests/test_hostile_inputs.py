@@ -8,8 +8,6 @@ import errno
 import io
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +15,11 @@ import pytest
 from PIL import Image
 
 from caption_helpers import CKPT, SAMPLES, captions, cli, rows
+from image_files import png_header, scan_bomb
 from pipeline.config import ImageLimits
 from stages.preprocess import ImageError, open_image
 
 SAMPLE_DIR = SAMPLES.parent / "samples"
-
-
-def _png_header(w: int, h: int) -> bytes:
-    """A PNG that declares w x h but carries almost no data: what a decompression bomb looks like
-    to the opener (the pixels are never decoded, so the size alone must stop it)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def _exif_rotated(path: Path) -> Image.Image:
@@ -63,9 +53,9 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, Path]]:
     # Pillow would hand this to Ghostscript if EPS were allowed
     (root / "ghost.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     expect["ghost.jpg"] = "not_an_image"
-    (root / "bomb.png").write_bytes(_png_header(20000, 20000))      # 4e8 px: Pillow's own error
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))      # 4e8 px: Pillow's own error
     expect["bomb.png"] = "too_large"
-    (root / "bomb_small.png").write_bytes(_png_header(11000, 10000))  # 1.1e8 px: between cap and 2 x cap
+    (root / "bomb_small.png").write_bytes(png_header(11000, 10000))  # 1.1e8 px: between cap and 2 x cap
     expect["bomb_small.png"] = "too_large"
     Image.new("CMYK", (80, 60), (0, 128, 255, 10)).save(root / "cmyk.jpg")
     expect["cmyk.jpg"] = "ok"
@@ -104,16 +94,6 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, Path]]:
     manifest = root / "hostile.txt"
     manifest.write_text("\n".join(expect) + "\n", encoding="utf-8")
     return manifest, expect, same_as
-
-
-def scan_bomb() -> bytes:
-    """A progressive JPEG whose last scan is repeated 4,000 times (the adversarial pass's file)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (1000, 1000), dtype=np.uint8)).save(
-        buf, "JPEG", progressive=True, quality=85)
-    data = buf.getvalue()
-    last = data.rfind(b"\xff\xda")
-    return data[:-2] + data[last:-2] * 4000 + b"\xff\xd9"
 
 
 def test_hostile_corpus_one_run(tmp_path):

@@ -98,7 +98,7 @@ def test_judge_opens_images_with_the_captioners_opener(tmp_path, monkeypatch):
     from PIL import EpsImagePlugin
 
     from jobs.score import ScoreConfig, score_sources
-    from test_hostile_inputs import _png_header, scan_bomb
+    from image_files import png_header, scan_bomb
     from test_score import TINY, make_tiny_clip
     from jobs.score import ClipJudge
 
@@ -107,7 +107,7 @@ def test_judge_opens_images_with_the_captioners_opener(tmp_path, monkeypatch):
     root = tmp_path / "images"
     _solid(root / "ok.png", (1, 2, 3))
     (root / "ghost.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
-    (root / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))
     (root / "scans.jpg").write_bytes(scan_bomb())
     clip = make_tiny_clip(tmp_path / "clip")
     judge = ClipJudge.load(ScoreConfig(images=root, clip_weights=clip["safetensors"], clip_model=TINY, device="cpu"))

@@ -11,9 +11,7 @@ import signal
 import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from caption_helpers import CKPT, SAMPLES, caption, rows
+from image_files import jpeg, png_header, repeat_last_scan, scan_bomb
 from pipeline.config import ImageLimits
 from pipeline.records import Failed, ImageRef
 from pipeline.workers import OrderedPool
@@ -30,23 +29,6 @@ from stages.time_limit import TimeLimitExceeded, time_limit
 
 # libjpeg's default progression (jpeg_simple_progression): 10 scans for YCbCr, 6 for grayscale
 DEFAULT_SCANS = {"RGB": 10, "L": 6}
-
-
-def jpeg(mode: str, size: tuple[int, int], progressive: bool, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "JPEG", progressive=progressive,
-                                                                           quality=85)
-    return buf.getvalue()
-
-
-def repeat_last_scan(data: bytes, k: int) -> bytes:
-    """The last scan (marker, header, entropy-coded data up to EOI) k more times: the attack's
-    shape. Pillow writes no thumbnail, so the last FFDA is the last scan's marker."""
-    last = data.rfind(b"\xff\xda")
-    assert last > 0 and data.endswith(b"\xff\xd9")
-    return data[:-2] + data[last:-2] * k + b"\xff\xd9"
 
 
 def with_app1_thumbnail(data: bytes, thumb: bytes) -> bytes:
@@ -87,7 +69,7 @@ def test_scan_bomb_is_refused_before_decoding(tmp_path):
     """One scan repeated 4,000 times (the adversarial pass's 469 KB file held a worker 32 s; this
     one decodes for minutes on this machine): refused from the marker walk in milliseconds."""
     bomb = tmp_path / "bomb.jpg"
-    bomb.write_bytes(repeat_last_scan(jpeg("L", (1000, 1000), True), 4000))
+    bomb.write_bytes(scan_bomb())
     t0 = time.perf_counter()
     with pytest.raises(ImageError) as e:
         open_image(str(bomb), ImageLimits())
@@ -96,13 +78,6 @@ def test_scan_bomb_is_refused_before_decoding(tmp_path):
     ok = tmp_path / "progressive.jpg"                                       # an ordinary progressive photo
     ok.write_bytes(jpeg("RGB", (300, 200), True))
     assert np.array_equal(np.asarray(open_image(str(ok), ImageLimits())), np.asarray(Image.open(ok).convert("RGB")))
-
-
-def _png_header(w: int, h: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("pillow_limit", [None, "guard"])
@@ -116,7 +91,7 @@ def test_too_large_quotes_the_users_cap(tmp_path, monkeypatch, pillow_limit, w, 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)       # restored after the test
     if pillow_limit == "guard":
         pillow_guard(ImageLimits(max_pixels=cap))
-    (tmp_path / "big.png").write_bytes(_png_header(w, h))
+    (tmp_path / "big.png").write_bytes(png_header(w, h))
     with pytest.raises(ImageError) as e:
         open_untrusted(str(tmp_path / "big.png"), ImageLimits(max_pixels=cap))
     assert e.value.status == "too_large"
