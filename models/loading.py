@@ -131,7 +131,7 @@ class TensorSource:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        self.dtype(name)
+        self._require_float(name)
         self.used.add(name)
         return self._where[name].get_tensor(name)
 
@@ -141,14 +141,17 @@ class TensorSource:
         return tuple(self._where[name].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
-        """The header's dtype name ("BF16", ...); CheckpointError unless it is a float dtype."""
+        """The header's dtype name ("BF16", "I32", ...)."""
         if name not in self._where:
             raise CheckpointError(f"checkpoint lacks tensor {name}")
-        dtype = self._where[name].get_slice(name).get_dtype()
+        return self._where[name].get_slice(name).get_dtype()
+
+    def _require_float(self, name: str) -> None:
+        """Tensors that are read must be floats (ones a family skips by design may be anything)."""
+        dtype = self.dtype(name)
         if dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name} has dtype {dtype}; weights must be one of "
                                   f"{', '.join(sorted(FLOAT_DTYPES))}")
-        return dtype
 
     def n_elements(self) -> int:
         """Values stored in the weight files, from the headers alone."""
@@ -161,7 +164,7 @@ class HeaderSource(TensorSource):
     against an architecture built on meta without reading (or allocating) a single weight."""
 
     def get(self, name: str) -> torch.Tensor:
-        self.dtype(name)
+        self._require_float(name)
         self.used.add(name)
         return torch.empty(self.shape(name), device="meta")
 

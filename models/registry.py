@@ -34,7 +34,7 @@ class CheckpointInfo:
     name: str                   # _name_or_path, for logs
     parameters: int             # values the architecture needs (the files may hold a few unused ones)
     weight_bytes: int           # bytes of the weight files on disk
-    dtypes: tuple[str, ...]     # the weights' stored dtypes, e.g. ("BF16",)
+    dtypes: tuple[str, ...]     # the stored dtypes of the tensors the model uses, e.g. ("BF16",)
 
 
 def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
@@ -53,7 +53,7 @@ def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
     files = safetensors_files(model_dir)
     return CheckpointInfo(family=family, name=cfg.name, parameters=n,
                           weight_bytes=sum(f.stat().st_size for f in files),
-                          dtypes=tuple(sorted({src.dtype(t) for t in src.names()})))
+                          dtypes=tuple(sorted({src.dtype(t) for t in src.used})))
 
 
 def load_frontend(model_dir: str | Path, template: str | None = None):
