@@ -10,16 +10,24 @@ judge run, far below the usual spread between captions), and the images where th
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from PIL import Image
 
 from jobs.score import OK, ClipJudge, ImageIndex, ScoreConfig, ScoreRow, default_output, judge_meta, \
     read_captions, score_sources, summarize, write_scores
+from pipeline.config import ImageLimits
+from stages.preprocess import open_untrusted
+
+if TYPE_CHECKING:
+    from jobs.report_html import ReportData
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,37 @@ class CompareResult:
     rows_b: list[ScoreRow]
 
 
+THUMB_PX = 256
+
+
+def thumbnail_data_uri(path: str, limits: ImageLimits, px: int = THUMB_PX) -> str | None:
+    """A JPEG thumbnail as a data: URI, or None when the image cannot be shown. Opened by the
+    safe opener, as the judge opened it (no EXIF rotation, like the examples' scorer)."""
+    try:
+        im = open_untrusted(path, limits).convert("RGB")
+        im.thumbnail((px, px), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a broken thumbnail must not lose the report
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def report_data(result: CompareResult, *, labels: tuple[str, str], sources: tuple[str, str], judge: str,
+                top_k: int, context_length: int, limits: ImageLimits) -> "ReportData":
+    """What the HTML report shows. Only scored pairs get there, and a scored row's path was
+    resolved under --images (jobs/score.ImageIndex), so a thumbnail never shows another file."""
+    from jobs.report_html import ReportData, ReportPair
+
+    summaries = summarize(result.rows_a), summarize(result.rows_b)
+    top = tuple(ReportPair(p.path, p.diff, p.a, p.b, thumbnail_data_uri(p.path, limits))
+                for p in most_different(result.pairs, top_k))
+    return ReportData(labels=labels, sources=sources, judge=judge, context_length=context_length,
+                      stats=result.stats, verdict=result.stats.verdict(*labels), only=(result.only_a, result.only_b),
+                      statuses=(summaries[0].statuses, summaries[1].statuses),
+                      truncated=(summaries[0].n_truncated, summaries[1].n_truncated), top=top)
+
+
 def run_compare(cfg: ScoreConfig, source_a: str | Path, source_b: str | Path, *, html: str | Path | None = None,
                 top_k: int = 20, n_boot: int = N_BOOT, seed: int = 0, tie_tol: float = TIE_TOL,
                 save_scores: bool = False, labels: tuple[str, str] = ("A", "B")) -> CompareResult:
@@ -158,9 +197,9 @@ def run_compare(cfg: ScoreConfig, source_a: str | Path, source_b: str | Path, *,
     result = CompareResult(stats, pairs, len(ok_a - ok_b), len(ok_b - ok_a), rows_a, rows_b)
     if html is not None:
         from jobs.report_html import write_report
-        write_report(html, result, labels=labels, sources=(str(source_a), str(source_b)),
-                     judge=f"open_clip {judge.name} ({Path(cfg.clip_weights).name})", top_k=top_k,
-                     context_length=judge.context_length)
+        write_report(html, report_data(result, labels=labels, sources=(str(source_a), str(source_b)),
+                                       judge=f"open_clip {judge.name} ({Path(cfg.clip_weights).name})",
+                                       top_k=top_k, context_length=judge.context_length, limits=cfg.limits))
     for name, rows in zip(labels, (rows_a, rows_b)):
         log.info("%s: %s", name, summarize(rows).lines()[0])
     return result

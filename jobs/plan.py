@@ -152,7 +152,8 @@ def prepare(cfg: RunConfig, where: Callable[[RunConfig], tuple[Any, torch.dtype]
     except DeviceError as e:
         raise JobError(str(e)) from None
     finger = fp.make(fp.model_identity(cfg.model), family, prompt.question, getattr(front.prompts, "template", None),
-                     prompt.preset, asdict(cfg.decode), dtype_name(dtype), asdict(cfg.limits), code_versions())
+                     prompt.preset, asdict(cfg.decode), dtype_name(dtype), fp.limits_identity(asdict(cfg.limits)),
+                     code_versions())
     ledger = Ledger(cfg.out)
     ledger.open(finger, Layout(manifest.digest, len(manifest), cfg.shard_size),
                 _config_record(cfg, prompt, device, dtype_name(dtype)), cfg.overwrite, cfg.array)

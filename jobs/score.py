@@ -11,8 +11,12 @@ Weights are read by us, never by open_clip's `pretrained=` path: safetensors, or
 `torch.load(weights_only=True)`, because open_clip falls back to a full unpickle on old torch.
 
 Image resolution follows the examples' keys (full paths for MiniCPM-V-2 NPU, file names for the
-GPU scripts): an existing absolute path is used as is, then `--images/KEY`, then the only file
-with that base name anywhere under `--images`. Failures are rows with a status, not exceptions.
+GPU scripts): an existing absolute path, then `--images/KEY`, then the only file with that base
+name anywhere under `--images`. Only files whose real path (symlinks and `..` resolved) is under
+`--images` are candidates: a captions file is untrusted input, and its keys must not make the
+judge open, or the HTML report embed, any other readable image. Images are opened by the
+captioner's own safe opener (stages/preprocess.open_untrusted: format allowlist, no EPS, pixel,
+aspect and progressive-scan caps). Failures are rows with a status, not exceptions.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline.atomic import write_atomic
+from pipeline.config import ImageLimits
 from pipeline.device import resolve_device, resolve_dtype
+from stages.preprocess import ImageError, open_untrusted, pillow_guard
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,9 @@ _MAX_LOGGED = 20                  # failed rows named in the log; the rest are c
 OK = "ok"
 MISSING = "missing"          # no file for this key under --images
 AMBIGUOUS = "ambiguous"      # the base name matches several files; we refuse to guess
-UNREADABLE = "unreadable"    # the file exists but PIL / the transform failed
+UNREADABLE = "unreadable"    # the file exists but the safe opener refused it or the transform failed
 NO_CAPTION = "no_caption"    # the caption is not a string (null in the JSON, a failed row)
+OUTSIDE = "outside_images"   # the key names a file, but its real path is not under --images
 
 
 class ScoreError(RuntimeError):
@@ -65,6 +71,7 @@ class ScoreConfig:
     dtype: str = "float32"              # the examples' scorer runs fp32; "auto" = device policy
     batch_size: int = 32
     workers: int = 2                    # threads opening and preprocessing images
+    limits: ImageLimits = ImageLimits()  # the captioner's caps, applied by the same opener
 
     @property
     def model_name(self) -> str:
@@ -172,7 +179,11 @@ class ImageIndex:
         self.root = Path(root)
         if not self.root.is_dir():
             raise ScoreError(f"--images {root}: not a directory")
+        self._real_root = os.path.realpath(self.root)
         self._by_name: dict[str, list[str]] | None = None   # built on first need: one os.walk
+
+    def _inside(self, real: str) -> bool:
+        return os.path.commonpath([self._real_root, real]) == self._real_root
 
     def _names(self) -> dict[str, list[str]]:
         if self._by_name is None:
@@ -185,19 +196,27 @@ class ImageIndex:
 
     def resolve(self, key: str) -> tuple[str | None, str, str | None]:
         """(real path or None, status, error). Real paths, so that two runs keyed differently (a full
-        path through a symlinked folder, a bare file name) still pair up on the same file."""
-        if os.path.isabs(key) and os.path.isfile(key):
-            return os.path.realpath(key), OK, None
-        joined = self.root / key
-        if not os.path.isabs(key) and joined.is_file():
-            return os.path.realpath(joined), OK, None
-        hits = self._names().get(os.path.basename(key), [])
+        path through a symlinked folder, a bare file name) still pair up on the same file, and so
+        that containment is checked on what would really be opened."""
+        outside = False
+        for candidate in ((key,) if os.path.isabs(key) else (os.path.join(self.root, key),)):
+            if os.path.isfile(candidate):
+                real = os.path.realpath(candidate)
+                if self._inside(real):
+                    return real, OK, None
+                outside = True
+        name = os.path.basename(key)
+        reals = {os.path.realpath(p) for p in self._names().get(name, [])}     # one file may have two names
+        hits = sorted(r for r in reals if self._inside(r))
+        outside = outside or len(hits) < len(reals)                           # a symlink out of the folder
         if len(hits) == 1:
-            return os.path.realpath(hits[0]), OK, None
-        if not hits:
-            return None, MISSING, f"no file named {os.path.basename(key)!r} under {self.root}"
-        shown = ", ".join(sorted(hits)[:3]) + (" ..." if len(hits) > 3 else "")
-        return None, AMBIGUOUS, f"{len(hits)} files named {os.path.basename(key)!r} under {self.root}: {shown}"
+            return hits[0], OK, None
+        if hits:
+            shown = ", ".join(hits[:3]) + (" ..." if len(hits) > 3 else "")
+            return None, AMBIGUOUS, f"{len(hits)} files named {name!r} under {self.root}: {shown}"
+        if outside:
+            return None, OUTSIDE, f"resolves outside --images {self.root}; only files under it are opened"
+        return None, MISSING, f"no file named {name!r} under {self.root}"
 
 
 # -- the judge -------------------------------------------------------------------------------------
@@ -232,10 +251,12 @@ def load_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 class ClipJudge:
     """An open_clip model + its eval transform + tokenizer, on one device and dtype."""
 
-    def __init__(self, model, preprocess, tokenizer, device: torch.device, dtype: torch.dtype, name: str):
+    def __init__(self, model, preprocess, tokenizer, device: torch.device, dtype: torch.dtype, name: str,
+                 limits: ImageLimits = ImageLimits()):
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
-        self.device, self.dtype, self.name = device, dtype, name
+        self.device, self.dtype, self.name, self.limits = device, dtype, name, limits
         self.context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
+        pillow_guard(limits)
 
     @classmethod
     def load(cls, cfg: ScoreConfig) -> "ClipJudge":
@@ -275,7 +296,7 @@ class ClipJudge:
                              f"{str(e).splitlines()[0]} ...") from e
         model = model.to(device=device, dtype=dtype).eval()
         log.info("judge: open_clip %s from %s on %s, %s", name, Path(cfg.clip_weights).name, device, dtype)
-        return cls(model, preprocess, open_clip.get_tokenizer(name), device, dtype, name)
+        return cls(model, preprocess, open_clip.get_tokenizer(name), device, dtype, name, cfg.limits)
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens before truncation (sot + BPE + eot for open_clip's SimpleTokenizer); None if unknown."""
@@ -289,8 +310,7 @@ class ClipJudge:
 
     def load_image(self, path: str) -> torch.Tensor:
         # No EXIF transpose: the examples' scorer opens the file as is (the transform converts to RGB).
-        with Image.open(path) as im:
-            return self.preprocess(im)
+        return self.preprocess(open_untrusted(path, self.limits))
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -381,7 +401,9 @@ def score_sources(sources: Sequence[dict[str, str | None]], index: ImageIndex, j
 def _try_load(judge: ClipJudge, path: str) -> tuple[torch.Tensor | None, str | None]:
     try:
         return judge.load_image(path), None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, bomb errors ...)
+    except ImageError as e:
+        return None, f"{e.status}: {e}"
+    except Exception as e:  # noqa: BLE001 - the transform may raise many types
         return None, f"{type(e).__name__}: {e}"
 
 

@@ -66,7 +66,9 @@ class ShardWorker:
         pre = Preprocessor(cfg.model, question, template, cfg.limits)
         # workers == 0: OrderedPool sets `pre` up and runs it inline, in this process
         self.pool = OrderedPool(pre, workers, ahead=cfg.batch.in_flight(workers),
-                                on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg))
+                                on_crash=lambda ref, msg: Failed(ref, "preprocess", "worker_crashed", msg),
+                                time_limit_s=cfg.limits.max_seconds if workers else None,
+                                on_timeout=lambda ref, msg: Failed(ref, "preprocess", "timeout", msg))
         self.pool.start()             # spawns now: the workers' start-up (imports, tokenizer) overlaps the model load
         try:
             t0 = time.perf_counter()

@@ -42,6 +42,11 @@ class PromptBuilder(Protocol):
 
     def build(self, question: str, pixels: PixelInputs) -> "PromptPlan": ...
 
+    def longest_prompt(self, question: str) -> "PromptPlan":
+        """The plan for the largest image the family's processor makes; ValueError when the
+        question cannot fit (checked once before a run, so it is not an error on every row)."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
 

@@ -17,7 +17,11 @@ from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
 from models.decoder import Decoder, DecoderConfig, map_llama_names
-from models.loading import CheckpointError, NameMap, TensorSource, linear_weight_names, load_into, read_config
+from models.config_schema import MAX_HEADS, MAX_HIDDEN, MAX_IMAGE_SIDE, MAX_INTERMEDIATE, MAX_LAYERS, \
+    MAX_POSITIONS, Fields, heads_divide, read_decoder
+from models.checkpoint_check import check_weights, decoder_parameters, vit_parameters
+from models.loading import CheckpointError, HeaderSource, NameMap, TensorSource, linear_weight_names, load_into, \
+    read_config, read_json_object
 from models.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,24 @@ SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, nu
 VT = "model.vision_tower.vision_tower.vision_model."
 
 
+def vision_config(v: Fields) -> tuple[ViTConfig, int]:
+    """(tower, input side) from an HF SigLIP vision_config; missing keys take the so400m values.
+    Bunny keeps all layers but the last (its feature is the penultimate layer's output)."""
+    width = v.integer("hidden_size", 1, MAX_HIDDEN, SO400M["hidden_size"])
+    heads = v.integer("num_attention_heads", 1, MAX_HEADS, SO400M["num_attention_heads"])
+    heads_divide(v, "hidden_size", width, "num_attention_heads", heads)
+    image = v.integer("image_size", 1, MAX_IMAGE_SIDE, SO400M["image_size"])
+    patch = v.integer("patch_size", 1, image, SO400M["patch_size"])
+    act = v.string("hidden_act", SO400M["hidden_act"], choices=("gelu_pytorch_tanh", "gelu"))
+    vit = ViTConfig(width=width, depth=v.integer("num_hidden_layers", 2, MAX_LAYERS, SO400M["num_hidden_layers"]) - 1,
+                    heads=heads, mlp_dim=v.integer("intermediate_size", 1, MAX_INTERMEDIATE, SO400M["intermediate_size"]),
+                    patch=patch, grid=image // patch,
+                    eps=v.number("layer_norm_eps", 0.0, 1.0, SO400M["layer_norm_eps"], open_low=True),
+                    gelu_tanh=act == "gelu_pytorch_tanh", final_norm=False,
+                    channels=v.integer("num_channels", 3, 3, 3))      # the processor makes RGB
+    return vit, image
+
+
 @dataclass(frozen=True)
 class BunnyConfig:
     llm: DecoderConfig
@@ -48,35 +70,22 @@ class BunnyConfig:
 
     @staticmethod
     def from_dict(c: dict) -> "BunnyConfig":
-        try:
-            if c.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-                raise CheckpointError(f"unsupported mm_projector_type {c['mm_projector_type']!r} (only mlp2x_gelu)")
-            if c.get("image_aspect_ratio", "pad") != "pad":
-                raise CheckpointError(f"unsupported image_aspect_ratio {c['image_aspect_ratio']!r} (only pad)")
-            v = {**SO400M, **c.get("vision_config", {})}
-            if v["hidden_act"] not in ("gelu_pytorch_tanh", "gelu"):
-                raise CheckpointError(f"unsupported vision hidden_act {v['hidden_act']!r}")
-            grid = v["image_size"] // v["patch_size"]
-            llm = DecoderConfig(
-                vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-                n_layers=int(c["num_hidden_layers"]), n_heads=int(c["num_attention_heads"]),
-                n_kv_heads=int(c.get("num_key_value_heads", c["num_attention_heads"])),
-                intermediate_size=int(c["intermediate_size"]), rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(c.get("rope_theta", 1e6)),
-                max_position=int(c.get("max_position_embeddings", 32768)), qkv_bias=True)
-            vit = ViTConfig(width=int(v["hidden_size"]), depth=int(v["num_hidden_layers"]) - 1,
-                            heads=int(v["num_attention_heads"]), mlp_dim=int(v["intermediate_size"]),
-                            patch=int(v["patch_size"]), grid=grid, eps=float(v["layer_norm_eps"]),
-                            gelu_tanh=v["hidden_act"] == "gelu_pytorch_tanh", final_norm=False,
-                            channels=int(v["num_channels"]))
-            eos = c.get("eos_token_id", 151643)
-            return BunnyConfig(llm=llm, vit=vit, image_size=int(v["image_size"]),
-                               mm_hidden=int(c.get("mm_hidden_size", vit.width)),
-                               eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-                               max_length=int(c.get("tokenizer_model_max_length", 2048)),
-                               name=str(c.get("_name_or_path", "bunny")))
-        except KeyError as e:
-            raise CheckpointError(f"config.json lacks {e.args[0]!r} needed for Bunny") from e
+        """Every value checked for type and range (models/config_schema.py): config.json is untrusted."""
+        f = Fields(c)
+        f.string("mm_projector_type", "mlp2x_gelu", choices=("mlp2x_gelu",))
+        f.string("image_aspect_ratio", "pad", choices=("pad",))
+        vit, image_size = vision_config(f.nested("vision_config") or Fields({}, "vision_config."))
+        n_image = vit.grid * vit.grid
+        max_length = f.integer("tokenizer_model_max_length", n_image + 1, MAX_POSITIONS, 2048)
+        # positions must cover every prompt the tokenizer length allows
+        llm = read_decoder(f, rms_eps=1e-6, rope_theta=1e6, max_position=32768, min_position=max_length,
+                           qkv_bias=True)
+        mm_hidden = f.integer("mm_hidden_size", 1, MAX_HIDDEN, vit.width)
+        f.require(mm_hidden == vit.width, f"mm_hidden_size {mm_hidden} must equal vision_config.hidden_size "
+                                          f"{vit.width} (the projector takes the vision features)")
+        return BunnyConfig(llm=llm, vit=vit, image_size=image_size,
+                           mm_hidden=mm_hidden, eos_token_id=f.token_id("eos_token_id", llm.vocab_size, 151643),
+                           max_length=max_length, name=f.string("_name_or_path", "bunny"))
 
     @property
     def n_image_tokens(self) -> int:
@@ -143,21 +152,40 @@ class BunnyPrompts:
             raise ValueError(f"prompt is {len(ids)} tokens, over tokenizer_model_max_length {self.max_length}")
         return PromptPlan(ids=tuple(ids), image_spans=((len(c0), len(c0) + self.n_image),))
 
+    def longest_prompt(self, question: str) -> PromptPlan:
+        """The plan for the largest image the processor makes (every Bunny image is one crop);
+        ValueError when the question does not fit this template and tokenizer length."""
+        return self.build(question)
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The checkpoint's own tokenizer through transformers' built-in classes (never remote code)."""
-    import transformers
-    from transformers import AutoTokenizer
+# What tokenizer_config.json may name: the class itself, its fast twin, or the checkpoint's own
+# copy of it (remote code we never run, replaced by the built-in class).
+TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
 
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's own vocab/merges through transformers' built-in Qwen2Tokenizer.
+
+    The class is fixed here, not taken from tokenizer_config.json as AutoTokenizer would: that
+    file is untrusted and could name any tokenizer class transformers ships. A file naming
+    another class is refused, since its ids would then not be what the model was trained on."""
+    import transformers
+    from transformers import Qwen2Tokenizer
+
+    cfg_path = Path(model_dir) / "tokenizer_config.json"
+    named = read_json_object(cfg_path).get("tokenizer_class") if cfg_path.is_file() else None
+    if named is not None and named not in TOKENIZER_CLASSES:
+        raise CheckpointError(f"{cfg_path}: tokenizer_class {str(named)[:60]!r} is not supported for Bunny "
+                              f"(only {' / '.join(TOKENIZER_CLASSES)})")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # silence "model of type bunny-qwen2" chatter
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+        return Qwen2Tokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the tokenizer files is one clear error
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -213,6 +241,30 @@ def name_map(cfg: BunnyConfig) -> NameMap:
     # carries the dropped last layer or the pooling head is accepted and those tensors are skipped.
     m.ignore([VT + "post_layernorm.weight", VT + "post_layernorm.bias"])
     return m
+
+
+def checkpoint_name_map(cfg: BunnyConfig, names: set[str]) -> NameMap:
+    """name_map plus the tensors of a checkpoint that are skipped by design: the dropped last
+    SigLIP layer and the pooling head, when the file still carries them."""
+    nm = name_map(cfg)
+    nm.ignore(n for n in names if n.startswith(VT + f"encoder.layers.{cfg.vit.depth}.") or n.startswith(VT + "head."))
+    return nm
+
+
+def parameter_count(cfg: BunnyConfig) -> int:
+    """Values in a Bunny checkpoint for this config (without the tensors it may carry unused)."""
+    h = cfg.llm.hidden_size
+    projector = cfg.mm_hidden * h + h + h * h + h
+    return decoder_parameters(cfg.llm) + vit_parameters(cfg.vit) + projector
+
+
+def check(raw: dict, src: HeaderSource) -> tuple[BunnyConfig, int]:
+    """config.json against the schema, then the weights' headers against the architecture (see
+    models/checkpoint_check.py); returns the config and its parameter count. Reads no weight."""
+    cfg = BunnyConfig.from_dict(raw)
+    n = parameter_count(cfg)
+    check_weights(n, cfg.llm, cfg.vit, src, lambda: Bunny(cfg), checkpoint_name_map(cfg, src.names()))
+    return cfg, n
 
 
 def frontend(model_dir: str | Path, template: str | None = None) -> tuple[BunnyProcessor, BunnyPrompts]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,13 +27,18 @@ class CheckpointError(ValueError):
     """The checkpoint folder is missing, malformed or does not match the architecture."""
 
 
+MAX_JSON_BYTES = 64 << 20      # config / tokenizer / index JSON files of real checkpoints are < 10 MB
+
+
 def read_json_object(path: str | Path) -> dict:
     """A checkpoint's JSON file parsed as data (never code); CheckpointError if not a JSON object."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a checkpoint JSON file")
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return d
@@ -50,15 +56,7 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from e
-        names = sorted(set(weight_map.values()))
-        for n in names:
-            if "/" in n or "\\" in n or n.startswith("."):
-                raise CheckpointError(f"{index}: refusing shard name outside the folder: {n!r}")
-        files = [model_dir / n for n in names]
+        files = [model_dir / n for n in sorted(set(read_weight_map(index).values()))]
     else:
         files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -72,12 +70,34 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's {tensor name: shard file name}, checked: every shard is a
+    plain file name in the checkpoint folder itself."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: malformed safetensors index (weight_map must be a non-empty object "
+                              "of tensor name -> file name)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: malformed safetensors index (tensor {name} maps to {file!r}, "
+                                  "not a .safetensors file name)")
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise CheckpointError(f"{index}: refusing shard name outside the folder: {file!r}")
+    return weight_map
+
+
+# Weight dtypes the models can be cast from (safetensors header names). Integer or 8-bit float
+# tensors would need a dequantisation no family here has, so they are refused by name.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
 class TensorSource:
     """Lazy, mmap-backed view of every tensor in a checkpoint; remembers what was read."""
 
     def __init__(self, model_dir: str | Path):
         self._handles = {}
         self._where: dict[str, object] = {}
+        files: dict[str, str] = {}          # tensor name -> the file it is in
         for f in safetensors_files(model_dir):
             try:
                 h = safe_open(str(f), framework="pt")
@@ -88,6 +108,20 @@ class TensorSource:
                 if k in self._where:
                     raise CheckpointError(f"{f.name}: tensor {k} appears in two weight files")
                 self._where[k] = h
+                files[k] = f.name
+        index = Path(model_dir) / "model.safetensors.index.json"
+        if index.is_file():
+            # the index must describe the files: a tensor it places elsewhere, or one it omits,
+            # means shards of different checkpoints were mixed
+            weight_map = read_weight_map(index)
+            for k, name in files.items():
+                if weight_map.get(k) != name:
+                    raise CheckpointError(f"{index}: malformed safetensors index (tensor {k} is in {name}, "
+                                          f"the index says {weight_map.get(k)!r})")
+            absent = sorted(weight_map.keys() - files.keys())
+            if absent:
+                raise CheckpointError(f"{index}: malformed safetensors index (it lists tensor {absent[0]}, "
+                                      "which no weight file holds)")
         self.used: set[str] = set()
 
     def names(self) -> set[str]:
@@ -97,8 +131,7 @@ class TensorSource:
         return name in self._where
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._where:
-            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        self._require_float(name)
         self.used.add(name)
         return self._where[name].get_tensor(name)
 
@@ -106,6 +139,34 @@ class TensorSource:
         if name not in self._where:
             raise CheckpointError(f"checkpoint lacks tensor {name}")
         return tuple(self._where[name].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The header's dtype name ("BF16", "I32", ...)."""
+        if name not in self._where:
+            raise CheckpointError(f"checkpoint lacks tensor {name}")
+        return self._where[name].get_slice(name).get_dtype()
+
+    def _require_float(self, name: str) -> None:
+        """Tensors that are read must be floats (ones a family skips by design may be anything)."""
+        dtype = self.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name} has dtype {dtype}; weights must be one of "
+                                  f"{', '.join(sorted(FLOAT_DTYPES))}")
+
+    def n_elements(self) -> int:
+        """Values stored in the weight files, from the headers alone."""
+        return sum(math.prod(self.shape(n)) for n in self._where)
+
+
+class HeaderSource(TensorSource):
+    """A TensorSource that reads only the safetensors headers: get() returns a tensor on the meta
+    device with the stored shape, so `load_into` checks names, shapes and dtypes of a checkpoint
+    against an architecture built on meta without reading (or allocating) a single weight."""
+
+    def get(self, name: str) -> torch.Tensor:
+        self._require_float(name)
+        self.used.add(name)
+        return torch.empty(self.shape(name), device="meta")
 
 
 @dataclass(frozen=True)
@@ -137,6 +198,16 @@ def linear_weight_names(module: nn.Module) -> set[str]:
     return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if type(m) is nn.Linear}
 
 
+def fuse(rule: Rule, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate a fused parameter's checkpoint tensors on dim 0 (q|k|v, gate|up); parts that
+    cannot stack (another width or rank) are a CheckpointError naming them."""
+    shapes = [tuple(p.shape) for p in parts]
+    if any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+        raise CheckpointError(f"tensors {' + '.join(rule.sources)} have shapes {', '.join(map(str, shapes))}, "
+                              "which do not stack into one parameter")
+    return torch.cat(parts, dim=0)
+
+
 def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: torch.dtype,
               device: torch.device | str = "cpu", keep_stored: set[str] | None = None) -> set[str]:
     """Fill `module` (built on the meta device or not) from `src`; strict both ways.
@@ -153,7 +224,7 @@ def load_into(module: nn.Module, src: TensorSource, name_map: NameMap, dtype: to
         if rule.target not in params:
             raise CheckpointError(f"internal name map targets unknown parameter {rule.target}")
         parts = [src.get(s) for s in rule.sources]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        t = parts[0] if len(parts) == 1 else fuse(rule, parts)
         if rule.transform is not None:
             t = rule.transform(t)
         want = tuple(params[rule.target].shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,10 @@ from torch import nn
 
 from models.base import LoadedModel, PixelInputs, PromptPlan, splice
 from models.decoder import Decoder, DecoderConfig, map_llama_names, residual_scale
-from models.loading import CheckpointError, NameMap, TensorSource, linear_weight_names, load_into, read_config
+from models.checkpoint_check import check_weights, decoder_parameters, vit_parameters
+from models.config_schema import MAX_HEADS, MAX_HIDDEN, MAX_IMAGE_SIDE, MAX_LAYERS, Fields, heads_divide, read_decoder
+from models.loading import CheckpointError, HeaderSource, NameMap, TensorSource, linear_weight_names, load_into, \
+    read_config
 from models.minicpmv2_slicing import MiniCPMV2Processor, SliceConfig
 from models.minicpmv2_tokenizer import SlowLlamaTokenizer
 from models.resampler import Resampler
@@ -37,6 +40,7 @@ SLICE_START, SLICE_END = "<slice>", "</slice>"
 # MiniCPMV.chat for one user turn with an image (§5.5): the one "<image>" stands for the whole
 # placeholder (source + slices), then "\n" and the question; no system prompt, no separators.
 TEMPLATE = "<用户><image>\n{question}<AI>"
+MAX_PROMPT = 2048               # chat()'s max_inp_length: prompt ids are cut here
 
 
 @dataclass(frozen=True)
@@ -52,52 +56,55 @@ class MiniCPMV2Config:
 
     @staticmethod
     def from_dict(c: dict) -> "MiniCPMV2Config":
-        try:
-            if not c.get("slice_mode", True):
-                raise CheckpointError("slice_mode false is not supported (every released MiniCPM-V-2 slices)")
-            if c.get("rope_scaling") is not None:
-                raise CheckpointError(f"rope_scaling {c['rope_scaling']!r} is not supported")
-            if c.get("hidden_act", "silu") != "silu":
-                raise CheckpointError(f"unsupported hidden_act {c['hidden_act']!r} (only silu)")
-            if "vision_config" not in c and c.get("vision_encoder", SO400M_NAMES[1]) not in SO400M_NAMES:
-                raise CheckpointError(f"unsupported vision_encoder {c['vision_encoder']!r} (only so400m-patch14-384)")
-            v = {**SO400M, **c.get("vision_config", {})}
-            width = int(v["embed_dim"])
-            depth = int(v["depth"]) - (1 if c.get("drop_vision_last_layer", True) else 0)
-            vit = ViTConfig(width=width, depth=depth, heads=int(v["num_heads"]),
-                            mlp_dim=int(width * float(v["mlp_ratio"])),        # timm: int(dim * mlp_ratio)
-                            patch=int(v["patch_size"]), grid=int(v["img_size"]) // int(v["patch_size"]),
-                            eps=1e-6, gelu_tanh=False, final_norm=True)       # timm: exact erf GELU
-            hidden, n_layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
-            llm = DecoderConfig(
-                vocab_size=int(c["vocab_size"]), hidden_size=hidden, n_layers=n_layers,
-                n_heads=int(c["num_attention_heads"]),
-                n_kv_heads=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-                intermediate_size=int(c["intermediate_size"]), rms_eps=float(c.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(c.get("rope_theta", 10000.0)),
-                max_position=int(c.get("max_position_embeddings", 4096)), qkv_bias=bool(c.get("attention_bias", False)),
-                rope_fp32=True, scale_emb=float(c.get("scale_emb", 1)),
-                residual_scale=residual_scale(float(c.get("scale_depth", 1.0)), n_layers),
-                logit_divisor=hidden / float(c.get("dim_model_base", hidden)))
-            query_num = int(c.get("query_num", 64))
-            if math.isqrt(query_num) ** 2 != query_num:
-                raise CheckpointError(f"query_num {query_num} is not a square grid")
-            heads = hidden // 128
-            if heads < 1 or hidden % heads:
-                raise CheckpointError(f"resampler of width {hidden} cannot use {heads} heads (hidden // 128)")
-            eos = c.get("eos_token_id", 2)
-            return MiniCPMV2Config(
-                llm=llm, vit=vit, query_num=query_num, resampler_heads=heads,
-                slicing=SliceConfig(max_slices=int(c.get("max_slice_nums", 9)),
-                                    scale_resolution=int(c.get("scale_resolution", 448)), patch=vit.patch),
-                eos_token_id=int(eos[0] if isinstance(eos, list) else eos), max_length=2048,
-                name=str(c.get("_name_or_path", "minicpmv2")))
-        except KeyError as e:
-            raise CheckpointError(f"config.json lacks {e.args[0]!r} needed for MiniCPM-V-2") from e
-        except (TypeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"config.json has a malformed value for MiniCPM-V-2 ({e})") from e
+        """Every value checked for type and range (models/config_schema.py): config.json is untrusted."""
+        f = Fields(c)
+        f.require(f.boolean("slice_mode", True), "slice_mode false is not supported (every released MiniCPM-V-2 slices)")
+        f.require(c.get("rope_scaling") is None, f"rope_scaling {str(c.get('rope_scaling'))[:60]} is not supported")
+        f.string("hidden_act", "silu", choices=("silu",))
+        v = f.nested("vision_config")
+        if v is None:
+            f.string("vision_encoder", SO400M_NAMES[1], choices=SO400M_NAMES)
+            v = Fields({}, "vision_config.")
+        vit = vision_config(v, drop_last=f.boolean("drop_vision_last_layer", True))
+        query_num = f.integer("query_num", 1, 1024, 64)
+        f.require(math.isqrt(query_num) ** 2 == query_num, f"query_num {query_num} is not a square grid")
+        slicing = SliceConfig(max_slices=f.integer("max_slice_nums", 1, 64, 9),
+                              # a side of 4 x 448 already means 16x the vision tokens of the released model
+                              scale_resolution=f.integer("scale_resolution", vit.patch, 4 * 448, 448), patch=vit.patch)
+        # the source image and every slice are one <image>...</image> block of query_num slots each
+        longest = (1 + slicing.max_slices) * (query_num + 2) + 2
+        f.require(longest < MAX_PROMPT, f"max_slice_nums {slicing.max_slices} x query_num {query_num}: an image "
+                                        f"placeholder of {longest} tokens does not fit the {MAX_PROMPT}-token prompt")
+        llm = read_decoder(f, rms_eps=1e-5, rope_theta=10000.0, max_position=4096, min_position=MAX_PROMPT,
+                           qkv_bias=f.boolean("attention_bias", False), rope_fp32=True)
+        hidden, n_layers = llm.hidden_size, llm.n_layers
+        # resampler: hidden // 128 heads (the reference's floor), and a 2D sin-cos table needs hidden % 4 == 0
+        heads = hidden // 128
+        f.require(heads >= 1 and hidden % heads == 0 and hidden % 4 == 0,
+                  f"hidden_size {hidden}: the resampler needs a multiple of 4 that hidden_size // 128 heads divide")
+        llm = replace(llm, scale_emb=f.number("scale_emb", 0.0, 1e4, 1, open_low=True),
+                      residual_scale=residual_scale(f.number("scale_depth", 0.0, 1e3, 1.0, open_low=True), n_layers),
+                      logit_divisor=hidden / f.number("dim_model_base", 0.0, MAX_HIDDEN, hidden, open_low=True))
+        return MiniCPMV2Config(
+            llm=llm, vit=vit, query_num=query_num, resampler_heads=heads, slicing=slicing,
+            eos_token_id=f.token_id("eos_token_id", llm.vocab_size, 2), max_length=MAX_PROMPT,
+            name=f.string("_name_or_path", "minicpmv2"))
+
+
+def vision_config(v: Fields, drop_last: bool) -> ViTConfig:
+    """timm SigLIP dims (so400m's where a key is missing); drop_last removes the last block as the
+    reference's drop_vision_last_layer does."""
+    width = v.integer("embed_dim", 1, MAX_HIDDEN, SO400M["embed_dim"])
+    heads = v.integer("num_heads", 1, MAX_HEADS, SO400M["num_heads"])
+    heads_divide(v, "embed_dim", width, "num_heads", heads)
+    image = v.integer("img_size", 1, MAX_IMAGE_SIDE, SO400M["img_size"])
+    patch = v.integer("patch_size", 1, image, SO400M["patch_size"])
+    depth = v.integer("depth", 2 if drop_last else 1, MAX_LAYERS, SO400M["depth"]) - (1 if drop_last else 0)
+    mlp_ratio = v.number("mlp_ratio", 0.0, 64.0, SO400M["mlp_ratio"], open_low=True)
+    mlp_dim = int(width * mlp_ratio)                                   # timm: int(dim * mlp_ratio)
+    v.require(mlp_dim >= 1, f"vision_config.embed_dim {width} x mlp_ratio {mlp_ratio:g} leaves no MLP")
+    return ViTConfig(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, patch=patch, grid=image // patch,
+                     eps=1e-6, gelu_tanh=False, final_norm=True)               # timm: exact erf GELU
 
 
 # -- prompt ----------------------------------------------------------------------------------------
@@ -118,6 +125,7 @@ class MiniCPMV2Prompts:
         self.tok = tokenizer
         self.template = template        # a preset may swap it (one "<image>", one "{question}")
         self.query_num = cfg.query_num
+        self.max_slices = cfg.slicing.max_slices
         self.max_length = cfg.max_length
         self.eos_token_ids = (cfg.eos_token_id,)
         self.im_start_id = tokenizer.token_to_id(IM_START)
@@ -146,6 +154,13 @@ class MiniCPMV2Prompts:
             raise ValueError(f"prompt has image spans {spans}, expected {n_crops} blocks of {self.query_num} "
                              f"(question containing {IM_START}/{IM_END}, or cut at {self.max_length} tokens?)")
         return PromptPlan(ids=tuple(ids), image_spans=spans)
+
+    def longest_prompt(self, question: str) -> PromptPlan:
+        """The plan for the most slices the processor can make, stacked in one column (the most
+        row breaks too); ValueError when the question cannot fit around them."""
+        n = self.max_slices if self.max_slices > 1 else 0       # one allowed slice: never sliced
+        crops = (torch.zeros(3, 1, 1),) * (1 + n)                # only the count matters here
+        return self.build(question, PixelInputs(crops=crops, grid=(1, n) if n else None))
 
     def decode(self, ids: list[int]) -> str:
         """The reference's _decode_text: drop every 0, a leading BOS and a trailing EOS; decode; strip."""
@@ -262,6 +277,23 @@ def checkpoint_shapes(cfg: MiniCPMV2Config) -> dict[str, tuple[int, ...]]:
             shapes[s] = (full[0] // k, *full[1:])
     shapes["vpm.pos_embed"] = (1, *shapes["vpm.pos_embed"])
     return shapes
+
+
+def parameter_count(cfg: MiniCPMV2Config) -> int:
+    """Values in a MiniCPM-V-2 checkpoint for this config."""
+    d, q, kv = cfg.llm.hidden_size, cfg.query_num, cfg.vit.width
+    resampler = (2 * q * d + (kv * d if kv != d else 0) + (3 * d * d + 3 * d) + (d * d + d)
+                 + 3 * 2 * d + d * d)            # query, pos_embed, kv_proj, attn in/out, 3 LayerNorms, proj
+    return decoder_parameters(cfg.llm) + vit_parameters(cfg.vit) + resampler
+
+
+def check(raw: dict, src: HeaderSource) -> tuple[MiniCPMV2Config, int]:
+    """config.json against the schema, then the weights' headers against the architecture (see
+    models/checkpoint_check.py); returns the config and its parameter count. Reads no weight."""
+    cfg = MiniCPMV2Config.from_dict(raw)
+    n = parameter_count(cfg)
+    check_weights(n, cfg.llm, cfg.vit, src, lambda: MiniCPMV2(cfg), name_map(cfg))
+    return cfg, n
 
 
 def load_tokenizer(model_dir: str | Path) -> SlowLlamaTokenizer:

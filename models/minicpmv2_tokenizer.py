@@ -28,13 +28,50 @@ log = logging.getLogger(__name__)
 SPIECE_UNDERLINE = "\u2581"
 
 
-def _content(tok) -> str | None:
+def _content(tok, where: str) -> str | None:
     """A special token entry of the JSON files: a string or an AddedToken-like dict."""
-    if tok is None:
-        return None
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return str(tok)
+    from models.loading import CheckpointError
+
+    if tok is None or isinstance(tok, str):
+        return tok
+    if isinstance(tok, dict) and isinstance(tok.get("content"), str):
+        return tok["content"]
+    raise CheckpointError(f"{where} must be a string or an object with a content string, got {str(tok)[:60]}")
+
+
+# AddedToken flags the slow Llama tokenizer acts on when true (transformers 4.36 tokenize():
+# strip the neighbouring text's whitespace, or match only whole words). This loader implements
+# them all false, as every MiniCPM-V-2 token has them, and refuses a checkpoint that sets one.
+# `normalized` and `special` are accepted either way: the slow Llama tokenizer only reads them
+# when lower-casing (do_lower_case), which it never does.
+_UNIMPLEMENTED_FLAGS = ("lstrip", "rstrip", "single_word")
+_ACCEPTED_FLAGS = ("normalized", "special")
+
+
+def _added_tokens(entries, where: str) -> dict[int, str]:
+    """tokenizer_config.json's added_tokens_decoder -> {id: content}, every entry checked."""
+    from models.loading import CheckpointError
+
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{where}: added_tokens_decoder must be an object {{id: token}}")
+    out: dict[int, str] = {}
+    for key, tok in entries.items():
+        name = f"{where}: added token {str(key)[:20]}"
+        if not str(key).isdigit() or int(key) >= 1 << 24:
+            raise CheckpointError(f"{name}: the id must be a non-negative integer")
+        if not isinstance(tok, dict) or not isinstance(tok.get("content"), str) or not tok["content"]:
+            raise CheckpointError(f"{name} must be an object with a non-empty content string, got {str(tok)[:60]}")
+        for flag in (*_UNIMPLEMENTED_FLAGS, *_ACCEPTED_FLAGS):
+            if not isinstance(tok.get(flag, False), bool):
+                raise CheckpointError(f"{name} ({tok['content'][:40]!r}): {flag} must be true or false")
+        on = [flag for flag in _UNIMPLEMENTED_FLAGS if tok.get(flag, False)]
+        if on:
+            raise CheckpointError(f"{name} ({tok['content'][:40]!r}) has {on[0]} true, which this tokenizer does "
+                                  "not implement (only the slow Llama tokenizer's all-false flags are)")
+        if tok["content"] in out.values():
+            raise CheckpointError(f"{name}: content {tok['content'][:40]!r} is also another added token's")
+        out[int(key)] = tok["content"]
+    return out
 
 
 @dataclass(frozen=True)
@@ -45,7 +82,8 @@ class DecodeResult:
 
 class SlowLlamaTokenizer:
     def __init__(self, model_dir: str | Path):
-        from models.loading import CheckpointError  # local import keeps this module light
+        from models.config_schema import Fields
+        from models.loading import CheckpointError  # local imports keep this module light
 
         model_dir = Path(model_dir)
         vocab = model_dir / "tokenizer.model"
@@ -59,23 +97,34 @@ class SlowLlamaTokenizer:
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"{vocab}: not a SentencePiece model ({e})") from e
         self.sp_size = self.sp.get_piece_size()
-        self.legacy = bool(cfg.get("legacy", True))
-        if not self.legacy:
-            raise CheckpointError(f"{model_dir}: only the legacy slow Llama tokenizer (legacy: true) is supported")
-        self.add_bos = bool(cfg.get("add_bos_token", True))
-        self.add_eos = bool(cfg.get("add_eos_token", False))
-        self.clean_up_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))
+        where = str(model_dir / "tokenizer_config.json")
+        # Settings are read as the values this implementation has (Fields refuses other types);
+        # the ones it cannot honour are refused by name, as `legacy: false` always was.
+        f = Fields(cfg, source=where)
+        self.legacy = f.boolean("legacy", True)
+        f.require(self.legacy, "only the legacy slow Llama tokenizer (legacy: true) is supported")
+        f.require(not f.boolean("spaces_between_special_tokens", False),
+                  "spaces_between_special_tokens true is not implemented (MiniCPM-V-2 decodes without them)")
+        kwargs = cfg.get("sp_model_kwargs")
+        f.require(not kwargs, f"sp_model_kwargs {str(kwargs)[:60]} is not implemented (sampling or other "
+                              "SentencePiece options would change the ids)")
+        self.add_bos = f.boolean("add_bos_token", True)
+        self.add_eos = f.boolean("add_eos_token", False)
+        self.clean_up_spaces = f.boolean("clean_up_tokenization_spaces", False)
 
         # Added tokens: id -> content (and back); these are never split nor sent to sentencepiece.
-        self.added: dict[int, str] = {int(i): str(t["content"]) for i, t in cfg.get("added_tokens_decoder", {}).items()}
+        self.added: dict[int, str] = _added_tokens(cfg.get("added_tokens_decoder", {}), where)
         self.added_ids: dict[str, int] = {c: i for i, c in self.added.items()}
 
         def special(key: str, default: str | None) -> str | None:
-            return _content(smap.get(key, cfg.get(key, default)))
+            return _content(smap.get(key, cfg.get(key, default)), f"{model_dir}: {key}")
 
         self.bos_token, self.eos_token = special("bos_token", "<s>"), special("eos_token", "</s>")
         self.unk_token, self.pad_token = special("unk_token", "<unk>"), special("pad_token", None)
-        extra = [_content(t) for t in smap.get("additional_special_tokens", cfg.get("additional_special_tokens", []))]
+        extra = smap.get("additional_special_tokens", cfg.get("additional_special_tokens", []))
+        if not isinstance(extra, list):
+            raise CheckpointError(f"{model_dir}: additional_special_tokens must be a list")
+        extra = [_content(t, f"{model_dir}: additional_special_tokens") for t in extra]
         # transformers' all_special_tokens: the named special tokens plus additional_special_tokens.
         self.all_special = {t for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token, *extra) if t}
         self.bos_id, self.eos_id = self.token_to_id(self.bos_token), self.token_to_id(self.eos_token)

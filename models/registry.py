@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models.base import LoadedModel
-from models.loading import CheckpointError, TensorSource, read_config
+from models.loading import CheckpointError, HeaderSource, read_config, safetensors_files
 
 # model_type as written in the original checkpoints' config.json -> module with load()
 FAMILIES: dict[str, str] = {
@@ -25,55 +25,51 @@ CLASSES: dict[str, tuple[str, str]] = {
 
 def family_of(model_dir: str | Path) -> str:
     mt = read_config(model_dir).get("model_type")
-    if mt not in FAMILIES:
-        raise CheckpointError(f"{model_dir}: model_type {mt!r} is not supported "
+    if not isinstance(mt, str) or mt not in FAMILIES:
+        raise CheckpointError(f"{model_dir}: model_type {str(mt)[:60]!r} is not supported "
                               f"(supported: {', '.join(sorted(FAMILIES))})")
     return mt
 
 
-def _family_config(model_dir: str | Path):
-    """(family module, its parsed config); CheckpointError when config.json does not parse into it."""
-    mt = family_of(model_dir)
-    module = importlib.import_module(FAMILIES[mt])
-    config_cls, _ = CLASSES[mt]
-    try:
-        return module, getattr(module, config_cls).from_dict(read_config(model_dir))
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{model_dir}: config.json has a malformed value ({type(e).__name__}: {e})") from e
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What check_checkpoint learnt about a checkpoint folder."""
+
+    family: str                 # config.json model_type, a key of FAMILIES
+    name: str                   # _name_or_path, for logs
+    parameters: int             # values the architecture needs (the files may hold a few unused ones)
+    weight_bytes: int           # bytes of the weight files on disk
+    dtypes: tuple[str, ...]     # the stored dtypes of the tensors the model uses, e.g. ("BF16",)
 
 
-def check_checkpoint(model_dir: str | Path) -> None:
-    """What can be checked before a run commits to a checkpoint, without reading a weight: config.json
-    parses into the family's config, and every tensor the architecture needs is in the safetensors
-    headers with the element count config.json implies. CheckpointError names the first problem.
-    (Loading stays strict on its own: tensors the architecture does not use are refused there.)"""
-    module, cfg = _family_config(model_dir)
-    with torch.device("meta"):                       # shapes only: no memory, no initialisation
-        model = getattr(module, CLASSES[family_of(model_dir)][1])(cfg)
-    params = dict(model.named_parameters())
-    src = TensorSource(model_dir)
-    for rule in module.name_map(cfg).rules:
-        have = sum(math.prod(src.shape(name)) for name in rule.sources)     # CheckpointError if absent
-        want = params[rule.target]
-        if have != want.numel():
-            shapes = ", ".join(f"{n} {src.shape(n)}" for n in rule.sources)
-            raise CheckpointError(f"{model_dir}: tensor {shapes} does not fit the architecture from config.json "
-                                  f"(expects {tuple(want.shape)} in all)")
+def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
+    """Everything about a checkpoint folder that can be known without reading a weight.
 
-
-def context_length(model_dir: str | Path) -> int:
-    """The most positions (prompt + new tokens) the checkpoint's decoder takes."""
-    return int(_family_config(model_dir)[1].llm.max_position)
+    config.json against its family's schema (types, ranges, divisibility), then the safetensors
+    headers against the architecture that config describes: the parameter count implied vs the
+    values stored, then every tensor's name, shape and dtype (models/checkpoint_check.py). Takes
+    milliseconds; a problem is one CheckpointError naming the field or tensor. Callers run it
+    before they write anything, so a bad checkpoint cannot leave a run dir behind.
+    """
+    family = family_of(model_dir)
+    module = importlib.import_module(FAMILIES[family])
+    src = HeaderSource(model_dir)
+    cfg, n = module.check(read_config(model_dir), src)
+    files = safetensors_files(model_dir)
+    return CheckpointInfo(family=family, name=cfg.name, parameters=n,
+                          weight_bytes=sum(f.stat().st_size for f in files),
+                          dtypes=tuple(sorted({src.dtype(t) for t in src.used})))
 
 
 def load_frontend(model_dir: str | Path, template: str | None = None):
-    """(image processor, prompt builder) of a checkpoint, without weights: for CPU workers.
+    """(image processor, prompt builder) of a checkpoint: for CPU workers. No weight is read, but
+    the whole checkpoint is checked first (check_checkpoint): the frontend is the first thing
+    every process builds from a checkpoint, so one that cannot load fails here, in one line,
+    before a run dir is written, not after the workers have started.
 
     template: a prompt preset's template (None = the family default); exposed as prompts.template."""
-    module = importlib.import_module(FAMILIES[family_of(model_dir)])
-    return module.frontend(model_dir, template)
+    info = check_checkpoint(model_dir)
+    return importlib.import_module(FAMILIES[info.family]).frontend(model_dir, template)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, kernels=None) -> LoadedModel:

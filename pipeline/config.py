@@ -63,17 +63,22 @@ DEFAULT_PROMPT = "Describe this image in detail."
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000     # 10^8: a 10k x 10k photo; larger is refused as too_large
 DEFAULT_MAX_ASPECT_RATIO = 50.0            # 1 x 20000 strips etc. are refused (padding them to a square explodes)
+DEFAULT_MAX_IMAGE_SECONDS = 60.0           # a 10^8-pixel photo preprocesses in a few seconds on one loaded core
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Caps applied before any pixel is decoded: untrusted inputs must not exhaust memory. They decide
-    which rows become too_large / extreme_aspect, so they are part of the run's fingerprint."""
+    """Caps on one untrusted image: size and shape before any pixel is decoded (memory), and the wall
+    time its preprocessing may take (a pathological file must not hold a worker). Pixels and aspect
+    decide which rows become too_large / extreme_aspect, so they are part of the run's fingerprint;
+    the time limit depends on the machine and is not (see fingerprint.limits_identity)."""
 
     max_pixels: int = option(DEFAULT_MAX_IMAGE_PIXELS, name="max_image_pixels", min=1,
                              help="Larger images get status too_large")
     max_aspect_ratio: float = option(DEFAULT_MAX_ASPECT_RATIO, min=1,
                                      help="Longer side over this x the shorter: status extreme_aspect")
+    max_seconds: float = option(DEFAULT_MAX_IMAGE_SECONDS, name="max_image_seconds", above=0,
+                                help="Preprocessing one image longer than this: status timeout")
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,12 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                     return f"{name}.{k} was {_short(a.get(k))}, now {_short(b.get(k))}"
         return f"{name} was {_short(a)}, now {_short(b)}"
     return None
+
+
+# Limits that decide which rows a run has (too_large, extreme_aspect); the preprocessing time limit
+# is left out: whether an image times out depends on the machine, not on what the run asked for.
+CAPTION_LIMITS = ("max_pixels", "max_aspect_ratio")
+
+
+def limits_identity(limits: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in limits.items() if k in CAPTION_LIMITS}

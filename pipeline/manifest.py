@@ -30,7 +30,10 @@ from pipeline.records import ImageRef
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Every extension Pillow registers for the formats the preprocessor opens (stages/preprocess.py
+# ALLOWED_FORMATS, JPEG's MPO included); tests/test_manifest_text.py keeps the two in step.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".gif",
+                              ".tif", ".tiff", ".avif", ".avifs"})
 FORMATS = {".txt": "txt", ".lst": "txt", ".list": "txt", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -104,11 +107,24 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JobError(f"{path} line {n}: not JSON ({e.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise JobError(f"{path} line {n}: not JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
             if not isinstance(obj, dict):
                 raise JobError(f"{path} line {n}: expected a JSON object with a \"path\"")
+            if "\\u" in line:
+                _valid_unicode(obj, path, n)
             yield n, obj
+
+
+def _valid_unicode(obj: Any, path: Path, line: int) -> None:
+    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate, which is no character: such a
+    string could be neither a file name to open nor text for the Parquet shards (UTF-8)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end].encode("unicode_escape").decode("ascii")
+        raise JobError(f"{path} line {line}: {bad} is a lone surrogate escape, not a character "
+                       "(the file was not written from valid Unicode text)") from None
 
 
 def _parquet_columns(path: Path) -> tuple[dict[str, list], dict[str, pa.DataType]]:
@@ -133,7 +149,7 @@ def _infer_type(values: list[Any]) -> tuple[pa.DataType, list[Any]]:
         if pa.types.is_null(arr.type):
             return pa.string(), values
         return arr.type, values
-    except (pa.ArrowException, TypeError, ValueError):
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):   # OverflowError: an int beyond int64
         return pa.string(), [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True) for v in values]
 
 
@@ -245,17 +261,43 @@ def _build(path: Path, fmt: str, lines: list[int], paths: list[Any], ids: list[A
 # -- building a manifest from a folder -------------------------------------------------------------
 
 def scan_images(folder: str | os.PathLike) -> list[str]:
-    """Image files under `folder` (recursive, by extension), as sorted '/'-separated relative paths."""
+    """Image files under `folder` (recursive, by extension), as sorted '/'-separated relative paths.
+
+    A name that is not UTF-8 (os.walk hands its bytes back as surrogate escapes) cannot be written
+    into a manifest, which is UTF-8 text: such files are left out with a warning naming them."""
     root = Path(folder)
     if not root.is_dir():
         raise JobError(f"{root} is not a folder")
-    found = []
+    found, undecodable = [], []
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: log.warning("skipped %s: %s", e.filename, e.strerror)):
         dirnames.sort()
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
+            # the text after the last dot: splitext would call "..jpg" or ".jpg" extension-less
+            if name[name.rfind("."):].lower() in IMAGE_EXTENSIONS:
+                rel = Path(dirpath, name).relative_to(root).as_posix()
+                (found if _is_utf8(rel) else undecodable).append(rel)
+    _left_out(undecodable, "their names are not UTF-8 (a manifest is UTF-8 text)")
     return sorted(found)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _left_out(names: list[str], why: str) -> None:
+    if names:
+        shown = ", ".join(ascii(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+        log.warning("left out %d image(s), %s: %s", len(names), why, shown)
+
+
+def txt_line_ok(line: str) -> bool:
+    """Would _read_txt give this path back? Not if it holds a line break, starts or ends with
+    whitespace (lines are stripped) or starts with '#' (a comment)."""
+    return bool(line) and line == line.strip() and not line.startswith("#") and "\n" not in line and "\r" not in line
 
 
 def sample(paths: list[str], n: int | None, seed: int) -> list[str]:
@@ -270,12 +312,24 @@ def sample(paths: list[str], n: int | None, seed: int) -> list[str]:
 
 
 def write_txt_manifest(out: str | os.PathLike, folder: str | os.PathLike, rel_paths: list[str], header: str) -> int:
-    """Write a txt manifest whose paths are relative to the manifest's own folder; returns the count."""
+    """Write a txt manifest whose paths are relative to the manifest's own folder; returns the
+    count written. Paths a txt line cannot carry (txt_line_ok) are left out with a warning."""
     out = Path(out)
+    if out.is_dir():
+        raise JobError(f"-o {out} is a folder; give the manifest's file name (e.g. {out / 'manifest.txt'})")
     base = out.parent.resolve()
     lines = [f"# {line}" for line in header.splitlines()]
+    unwritable = []
     for p in rel_paths:
-        lines.append(os.path.relpath(Path(folder).resolve() / p, base))
-    out.parent.mkdir(parents=True, exist_ok=True)
+        line = os.path.relpath(Path(folder).resolve() / p, base)
+        if txt_line_ok(line):
+            lines.append(line)
+        else:
+            unwritable.append(p)
+    _left_out(unwritable, "a txt line cannot hold their names (a line break, edge whitespace or a leading #)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise JobError(f"cannot write -o {out}: {e.strerror or e}") from None
     write_text_atomic(out, "\n".join(lines) + "\n")
-    return len(rel_paths)
+    return len(rel_paths) - len(unwritable)

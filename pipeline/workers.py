@@ -5,7 +5,9 @@
   model stage is slow (and a slow pool keeps the model fed `ahead` items in advance);
 - crash-isolating: if a worker dies (a decoder segfault, the OOM killer) the pool is restarted
   and the items that were in flight are retried one at a time, so only the item that kills a
-  worker again is reported failed (through `on_crash`) and its neighbours are unaffected.
+  worker again is reported failed (through `on_crash`) and its neighbours are unaffected;
+- time-limited (optional): a worker that does not come back from one item is killed the same way
+  and that item is reported through `on_timeout`.
 
 Workers are spawned (not forked: the parent has torch threads and tokenizer state that do not
 survive fork) and die with the parent (PR_SET_PDEATHSIG), so a SIGKILLed job leaves no orphans.
@@ -66,12 +68,27 @@ def _ping() -> int:
     return os.getpid()
 
 
+class _Overran(Exception):
+    """The item at the head of the queue ran past the hard time limit."""
+
+
 class OrderedPool:
-    def __init__(self, factory: Setup, workers: int, ahead: int, on_crash: Callable[[Any, str], Any]):
+    """time_limit_s: a per-item limit enforced from outside. The stage should keep its own,
+    softer limit (stages/time_limit.py raises inside Python code); this one catches what cannot
+    be interrupted from inside (a decoder stuck in one C call): when the head item has not come
+    back time_limit_s + grace_s after it became the head (it is then running: workers take items
+    in order and every earlier one is back), the workers are killed and restarted like after a
+    crash, and the item is reported through on_timeout."""
+
+    def __init__(self, factory: Setup, workers: int, ahead: int, on_crash: Callable[[Any, str], Any],
+                 time_limit_s: float | None = None, on_timeout: Callable[[Any, str], Any] | None = None,
+                 grace_s: float = 30.0):
         self.factory = factory
         self.workers = workers
         self.ahead = max(1, ahead)
         self.on_crash = on_crash
+        self.hard_limit_s = None if time_limit_s is None or workers <= 0 else time_limit_s + grace_s
+        self.on_timeout = on_timeout or on_crash
         self.restarts = 0
         self._pool: cf.ProcessPoolExecutor | None = None
         self._inline: Callable[[Any], Any] | None = None
@@ -84,7 +101,6 @@ class OrderedPool:
             self._inline = self.factory.setup()
             return self
         self._new_pool()
-        self._ping = self._pool.submit(_ping)
         return self
 
     def wait_ready(self) -> None:
@@ -101,6 +117,7 @@ class OrderedPool:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init, initargs=(self.factory, os.getpid()))
+        self._ping = self._pool.submit(_ping)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -143,9 +160,16 @@ class OrderedPool:
             while pending:
                 item, fut = pending[0]
                 try:
-                    result = fut.result()
+                    result = self._result(fut)
                 except BrokenProcessPool:
                     yield from self._recover(pending)
+                    fill()
+                    continue
+                except _Overran:
+                    self._kill_workers()
+                    pending.popleft()
+                    yield self._overran(item)
+                    yield from self._recover(pending, "the workers were killed after an item overran the time limit")
                     fill()
                     continue
                 except Exception as e:  # noqa: BLE001 - the stage raised instead of returning a record
@@ -158,10 +182,30 @@ class OrderedPool:
                 fut.cancel()
             pending.clear()
 
-    def _recover(self, pending: deque) -> Iterator[Any]:
+    def _result(self, fut: cf.Future) -> Any:
+        """fut's result, waiting at most the hard limit (once the workers have started)."""
+        if self.hard_limit_s is None:
+            return fut.result()
+        if self._ping is not None:
+            self._ping.result()          # a worker's start-up (imports, checkpoint) is not the item's time
+        try:
+            return fut.result(timeout=self.hard_limit_s)
+        except cf.TimeoutError:
+            raise _Overran from None
+
+    def _kill_workers(self) -> None:
+        """SIGKILL every worker (which one runs the item is not known); the pool then breaks."""
+        for proc in list(getattr(self._pool, "_processes", {}).values()):
+            proc.kill()
+
+    def _overran(self, item: Any) -> Any:
+        return self.on_timeout(item, f"killed after {self.hard_limit_s:g} s: the preprocessing worker did not "
+                                     "come back on this image")
+
+    def _recover(self, pending: deque, why: str = "a preprocessing worker died") -> Iterator[Any]:
         """The pool died: keep finished results, retry the rest one by one in fresh pools."""
         self.restarts += 1
-        log.warning("a preprocessing worker died; retrying %d in-flight item(s) one at a time", len(pending))
+        log.warning("%s; retrying %d in-flight item(s) one at a time", why, len(pending))
         suspects = []
         for item, fut in pending:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -175,9 +219,13 @@ class OrderedPool:
                 yield result
                 continue
             try:
-                yield self._pool.submit(_apply, item).result()
+                yield self._result(self._pool.submit(_apply, item))
             except BrokenProcessPool:
                 self._new_pool()
                 yield self.on_crash(item, "the preprocessing worker died on this image (crash or out of memory)")
+            except _Overran:
+                self._kill_workers()
+                self._new_pool()
+                yield self._overran(item)
             except Exception as e:  # noqa: BLE001
                 yield self.on_crash(item, f"{type(e).__name__}: {e}")

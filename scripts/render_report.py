@@ -4,9 +4,11 @@
     python scripts/render_report.py REPORT.html [--screenshot report.png] [--chromium /usr/bin/chromium]
 
 Chromium loads a copy of the report with a probe script appended (the report itself has no
-script); after the load event the probe records every <img>'s decoded size and the number of
-image rows, and `--dump-dom` hands that back. Exit 0 only if every image decoded (naturalWidth > 0)
-and every pair row has its thumbnail. `--screenshot` also saves a PNG of the page for a human look.
+script); after the load event the probe records every <img>'s decoded size and source scheme and
+the number of image rows, and `--dump-dom` hands that back. Exit 0 only if every image decoded
+(naturalWidth > 0) from an embedded data: URI (a report is self-contained: nothing is read from
+disk or the network) and every pair row has its thumbnail. Chromium gets no file access beyond
+the page itself. `--screenshot` also saves a PNG of the page for a human look.
 Install Chromium with `apt-get install -y chromium` (Debian) if it is missing.
 """
 
@@ -29,7 +31,8 @@ DEFAULT_CHROMIUM = "/usr/bin/chromium"
 
 _PROBE = """<script>
 window.addEventListener('load', () => {
-  const imgs = [...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, ok: i.complete}));
+  const imgs = [...document.images].map(i => ({alt: i.alt, w: i.naturalWidth, h: i.naturalHeight, ok: i.complete,
+                                               scheme: i.src.split(':')[0]}));
   const pre = document.createElement('pre');
   pre.id = 'render-probe';
   pre.textContent = JSON.stringify({title: document.title, rows: document.querySelectorAll('tr.pair').length,
@@ -49,8 +52,10 @@ def find_chromium(explicit: str | None = None) -> str | None:
 
 def _chromium(chromium: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
     # --no-sandbox: containers usually run as root, where Chromium's sandbox refuses to start.
+    # No --allow-file-access-from-files: the report embeds its images, and a page that needed to
+    # read other local files would be a report to refuse, not to render.
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-first-run", "--allow-file-access-from-files", *args]
+           "--no-first-run", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -79,8 +84,10 @@ def screenshot(report: str | Path, out: str | Path, chromium: str, timeout: floa
 
 
 def problems(info: dict) -> list[str]:
-    """Empty when every image decoded and every pair row has one."""
+    """Empty when every image decoded from an embedded data: URI and every pair row has one."""
     bad = [f"image {i['alt']!r} did not render ({i['w']}x{i['h']})" for i in info["imgs"] if not (i["ok"] and i["w"] > 0)]
+    bad += [f"image {i['alt']!r} is not embedded (a {i.get('scheme')!r} URL)" for i in info["imgs"]
+            if i.get("scheme") != "data"]
     if len(info["imgs"]) != info["rows"]:
         bad.append(f"{info['rows']} image rows but {len(info['imgs'])} images")
     return bad

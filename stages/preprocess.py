@@ -12,9 +12,14 @@ Failed record with a short status:
     not_an_image   empty, or not an allowed image format
     truncated      the image data ends early
     corrupt        the decoder rejected the data
-    too_large      over the pixel cap (decompression bombs included), checked before decoding
+    too_large      over the pixel cap (decompression bombs included), or a JPEG of more
+                   progressive scans than any encoder writes; checked before decoding
     extreme_aspect longer side over max_aspect_ratio x the shorter (e.g. 1x20000 strips)
+    timeout        opening + preprocessing took longer than max_seconds (stages/time_limit.py)
     preprocess_error  the model's processor or prompt builder failed
+
+open_untrusted() is the safety part alone (the CLIP judge opens its images through it too);
+open_image() adds the captioner's EXIF rotation and RGB conversion.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import stat
 import time
 import warnings
@@ -31,7 +37,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import ImageLimits
 from pipeline.records import Failed, ImageRef
+from stages.jpeg_scans import MAX_SCANS, count_scans
 from stages.records import ImageInputs
+from stages.time_limit import TimeLimitExceeded, time_limit
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +86,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_image(path: str, limits: ImageLimits) -> Image.Image:
-    """Decode an untrusted image file to RGB within the limits, or raise ImageError."""
+def pillow_guard(limits: ImageLimits) -> None:
+    """Set Pillow's own decompression-bomb guard (process-wide) to the user's cap. Pillow refuses
+    images over twice its limit inside Image.open, before our exact check sees the size, so a
+    limit below the cap (Pillow's default is 89.5 Mpx) would refuse images the user allowed."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+
+
+def _bomb_message(e: Exception, limits: ImageLimits) -> str:
+    """Pillow's refusal quotes its own limit (twice MAX_IMAGE_PIXELS); say the user's cap."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{m.group(1)} pixels" if m else "the image's size"
+    return f"{size}, over the cap of {limits.max_pixels} (--max-image-pixels)"
+
+
+def open_untrusted(path: str, limits: ImageLimits) -> Image.Image:
+    """Decode an untrusted image file as stored (first frame, mode and orientation untouched)
+    within the limits, or raise ImageError. The one opener of the captioner and the judge."""
     try:
         # O_NONBLOCK: opening a FIFO must not block; the type is then checked on the open file
         # itself (fstat), so a path swapped after a check cannot slip a FIFO or device through
@@ -101,14 +124,14 @@ def open_image(path: str, limits: ImageLimits) -> Image.Image:
         raise ImageError("not_an_image", "empty file")
     f = os.fdopen(fd, "rb")
     with f, warnings.catch_warnings():
-        # Pillow warns between MAX_IMAGE_PIXELS and twice that; make that an error too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our size check below is exact; Pillow's warning between its limit and twice it is noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(f, formats=_formats())
         except UnidentifiedImageError:
             raise ImageError("not_an_image", "not a supported image (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError("too_large", str(e)) from None
+        except Image.DecompressionBombError as e:
+            raise ImageError("too_large", _bomb_message(e, limits)) from None
         except OSError as e:
             raise ImageError("unreadable" if isinstance(e, PermissionError) else "corrupt", f"{e}") from None
         except Exception as e:  # noqa: BLE001 - a hostile header may raise anything
@@ -117,19 +140,31 @@ def open_image(path: str, limits: ImageLimits) -> Image.Image:
         if w < 1 or h < 1:
             raise ImageError("corrupt", f"image size {w}x{h}")
         if w * h > limits.max_pixels:
-            raise ImageError("too_large", f"{w}x{h} = {w * h} pixels, over the cap of {limits.max_pixels}")
+            raise ImageError("too_large", f"{w}x{h} = {w * h} pixels, over the cap of {limits.max_pixels} "
+                                          "(--max-image-pixels)")
         if max(w, h) > limits.max_aspect_ratio * min(w, h):
             raise ImageError("extreme_aspect", f"{w}x{h}: aspect ratio over {limits.max_aspect_ratio:g}")
+        if img.format in ("JPEG", "MPO"):
+            scans = count_scans(f.fileno())
+            if scans > MAX_SCANS:
+                raise ImageError("too_large", f"a JPEG of over {MAX_SCANS} scans (decoding passes over the image); "
+                                              "real photos have about 10")
         try:
             img.seek(0)                  # animations: the first frame
             img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
+        except (Image.DecompressionBombError, MemoryError) as e:
             raise ImageError("too_large", f"{type(e).__name__}: {e}") from None
         except OSError as e:
             status = "truncated" if "truncat" in str(e).lower() else "corrupt"
             raise ImageError(status, str(e)) from None
         except Exception as e:  # noqa: BLE001 - decoder errors on hostile data take many shapes
             raise ImageError("corrupt", f"{type(e).__name__}: {e}") from None
+    return img
+
+
+def open_image(path: str, limits: ImageLimits) -> Image.Image:
+    """The captioner's view of an untrusted file: open_untrusted, EXIF-rotated, 8-bit RGB."""
+    img = open_untrusted(path, limits)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # noqa: BLE001 - a broken EXIF block should not lose a good image
@@ -168,16 +203,28 @@ class Preprocessor:
         self.prompts = None
 
     def setup(self) -> "Preprocessor":
+        """Load the frontend (checking the checkpoint) and make sure the question fits the
+        family's longest prompt: a question that cannot fit would fail every image, so it is a
+        ValueError here, before a run starts, not a per-image error row."""
         from models.registry import load_frontend
 
-        Image.MAX_IMAGE_PIXELS = self.limits.max_pixels    # Pillow's own guard, in every worker
+        pillow_guard(self.limits)                          # in every worker process
         self.processor, self.prompts = load_frontend(self.model_dir, self.template)
+        self.prompts.longest_prompt(self.question)
         return self
 
     def __call__(self, ref: ImageRef) -> ImageInputs | Failed:
         if self.processor is None:
             self.setup()
         t0 = time.perf_counter()
+        try:
+            with time_limit(self.limits.max_seconds):
+                return self._process(ref, t0)
+        except TimeLimitExceeded:
+            return Failed(ref, "preprocess", "timeout", f"preprocessing took over {self.limits.max_seconds:g} s "
+                                                        "(--max-image-seconds)")
+
+    def _process(self, ref: ImageRef, t0: float) -> ImageInputs | Failed:
         try:
             img = open_image(ref.resolved, self.limits)
         except ImageError as e:

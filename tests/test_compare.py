@@ -170,6 +170,18 @@ def _render_script():
     return mod
 
 
+def test_render_check_refuses_images_that_are_not_embedded():
+    """The headless check's verdict on what Chromium reported (no browser needed for this part)."""
+    render = _render_script()
+    good = {"alt": "a.png", "w": 32, "h": 24, "ok": True, "scheme": "data"}
+    assert render.problems({"rows": 1, "imgs": [good]}) == []
+    for bad, why in (({**good, "scheme": "file"}, "not embedded (a 'file' URL)"),
+                     ({**good, "scheme": "https"}, "not embedded (a 'https' URL)"),
+                     ({**good, "w": 0}, "did not render (0x24)")):
+        assert [why in p for p in render.problems({"rows": 1, "imgs": [bad]})] == [True]
+    assert render.problems({"rows": 2, "imgs": [good]}) == ["2 image rows but 1 images"]
+
+
 @pytest.mark.skipif(not Path("/usr/bin/chromium").is_file(),
                     reason="headless check needs /usr/bin/chromium (apt-get install -y chromium)")
 def test_html_report_renders_every_image_in_chromium(compared, tmp_path):

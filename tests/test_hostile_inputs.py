@@ -4,11 +4,10 @@ status, the run completes, and the good images around them get the captions they
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,11 @@ import pytest
 from PIL import Image
 
 from caption_helpers import CKPT, SAMPLES, captions, cli, rows
+from image_files import png_header, scan_bomb
 from pipeline.config import ImageLimits
 from stages.preprocess import ImageError, open_image
 
 SAMPLE_DIR = SAMPLES.parent / "samples"
-
-
-def _png_header(w: int, h: int) -> bytes:
-    """A PNG that declares w x h but carries almost no data: what a decompression bomb looks like
-    to the opener (the pixels are never decoded, so the size alone must stop it)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
 def _exif_rotated(path: Path) -> Image.Image:
@@ -62,9 +53,9 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, Path]]:
     # Pillow would hand this to Ghostscript if EPS were allowed
     (root / "ghost.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     expect["ghost.jpg"] = "not_an_image"
-    (root / "bomb.png").write_bytes(_png_header(20000, 20000))      # 4e8 px: Pillow's own error
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))      # 4e8 px: Pillow's own error
     expect["bomb.png"] = "too_large"
-    (root / "bomb_small.png").write_bytes(_png_header(11000, 10000))  # 1.1e8 px: between cap and 2 x cap
+    (root / "bomb_small.png").write_bytes(png_header(11000, 10000))  # 1.1e8 px: between cap and 2 x cap
     expect["bomb_small.png"] = "too_large"
     Image.new("CMYK", (80, 60), (0, 128, 255, 10)).save(root / "cmyk.jpg")
     expect["cmyk.jpg"] = "ok"
@@ -91,10 +82,10 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, Path]]:
     expect["dir.jpg"] = "not_a_file"
     os.mkfifo(root / "fifo.jpg")                                    # opening it would block forever
     expect["fifo.jpg"] = "not_a_file"
-    if os.geteuid() != 0:                                           # root reads anything: see test below
-        shutil.copy(SAMPLE_DIR / "rocket.jpg", root / "unreadable.jpg")
-        (root / "unreadable.jpg").chmod(0)
-        expect["unreadable.jpg"] = "unreadable"
+    shutil.copy(SAMPLE_DIR / "rocket.jpg", root / "unreadable.jpg")      # EACCES injected (see the test)
+    expect["unreadable.jpg"] = "unreadable"
+    (root / "scan_bomb.jpg").write_bytes(scan_bomb())                 # decodes for tens of seconds
+    expect["scan_bomb.jpg"] = "too_large"
     (root / "图片").mkdir()
     shutil.copy(SAMPLE_DIR / "camera.png", root / "图片" / "猫 ü.png")
     expect["图片/猫 ü.png"] = "ok"
@@ -108,8 +99,12 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str], dict[str, Path]]:
 def test_hostile_corpus_one_run(tmp_path):
     manifest, expect, same_as = build_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
+    # the workers get EACCES on unreadable.jpg whoever runs the test (root reads a chmod 000 file)
+    paths = [str(Path(__file__).parent / "inject_eacces"), os.environ.get("PYTHONPATH", "")]
+    inject = {"PYTHONPATH": os.pathsep.join(p for p in paths if p),
+              "VLM_TEST_EACCES": str(manifest.parent / "unreadable.jpg")}
     r = cli("caption", "--manifest", str(manifest), "--model", str(CKPT), "--out", str(out), "--max-new-tokens", "4",
-            "--shard-size", "4", "--workers", "2", "--quiet", timeout=400)
+            "--shard-size", "4", "--workers", "2", "--quiet", timeout=400, env=inject)
     assert r.returncode == 0, r.stderr
     got = rows(out)
     assert [g["key"] for g in got] == list(expect)                  # exactly one row each, in manifest order
@@ -122,6 +117,9 @@ def test_hostile_corpus_one_run(tmp_path):
     by_key = {g["key"]: g for g in got}
     assert (by_key["exif_rotated.jpg"]["width"], by_key["exif_rotated.jpg"]["height"]) == (48, 96)
     assert "110000000" in by_key["bomb_small.png"]["error"]      # refused from the header, never decoded
+    assert by_key["bomb.png"]["error"] == "400000000 pixels, over the cap of 100000000 (--max-image-pixels)"
+    assert "permission denied" in by_key["unreadable.jpg"]["error"]
+    assert "scans" in by_key["scan_bomb.jpg"]["error"]
 
     # the good images, and clean equivalents of the odd-but-valid ones, captioned on their own
     alone_dir = tmp_path / "alone"
@@ -142,18 +140,31 @@ def test_hostile_corpus_one_run(tmp_path):
         assert hostile[key] == alone[str(clean)]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file; the unreadable status needs a normal user")
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
+    """EACCES from the open itself (injected: root would read a chmod 000 file) is `unreadable`."""
     p = tmp_path / "x.jpg"
     shutil.copy(SAMPLE_DIR / "rocket.jpg", p)
-    p.chmod(0)
+    real = os.open
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == str(p):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ImageError) as e:
         open_image(str(p), ImageLimits())
-    assert e.value.status == "unreadable"
+    assert e.value.status == "unreadable" and str(p) in str(e.value)
 
 
 def test_conversions_keep_content(tmp_path):
     """16-bit data is scaled (not clipped to white); transparency shows white; CMYK becomes RGB."""
+    # CMYK -> RGB as (255 - ink) x (255 - black) / 255 per channel: (0, 128, 255, 10) -> (245, 122, 0)
+    c, k = np.array([0, 128, 255]), 10
+    Image.new("CMYK", (6, 4), (*c.tolist(), k)).save(tmp_path / "cmyk.tif")
+    im = open_image(str(tmp_path / "cmyk.tif"), ImageLimits())
+    want = np.round((255 - c) * (255 - k) / 255).astype(int).tolist()
+    assert im.mode == "RGB" and want == [245, 122, 0] and np.asarray(im).reshape(-1, 3).tolist() == [want] * 24
     a16 = np.full((10, 10), 0x8000, dtype=np.uint16)
     Image.fromarray(a16).save(tmp_path / "g.png")
     assert np.asarray(open_image(str(tmp_path / "g.png"), ImageLimits()))[0, 0].tolist() == [128, 128, 128]

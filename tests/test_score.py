@@ -130,7 +130,7 @@ def test_cli_scores_equal_direct_open_clip(tiny, images, tmp_path):
         str(files["rgb_64x48.png"]): "ok", "sub/gray_50x50.jpg": "ok", "rgba_33x20.png": "ok",
         "rgb_40x90.jpg": "ok", "/elsewhere/rgb_40x90.jpg": "ok", "same.png": "ambiguous",
         "nothere.png": "missing", "broken.jpg": "unreadable", "sub/rgba_33x20.png": "no_caption"}
-    assert rows["broken.jpg"]["error"].startswith("UnidentifiedImageError")
+    assert rows["broken.jpg"]["error"].startswith("not_an_image: ")           # the safe opener said why
     assert "2 files named 'same.png'" in rows["same.png"]["error"]
 
     ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
