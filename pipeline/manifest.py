@@ -25,20 +25,12 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from pipeline.errors import JobError
+from pipeline.index.formats import FORMATS, Duplicate
 from pipeline.records import ImageRef
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-FORMATS = {".txt": "txt", ".lst": "txt", ".list": "txt", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
-           ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-
-@dataclass(frozen=True)
-class Duplicate:
-    key: str
-    first_line: int
-    line: int
 
 
 @dataclass(frozen=True)

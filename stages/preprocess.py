@@ -15,22 +15,30 @@ Failed record with a short status:
     too_large      over the pixel cap (decompression bombs included), checked before decoding
     extreme_aspect longer side over max_aspect_ratio x the shorter (e.g. 1x20000 strips)
     preprocess_error  the model's processor or prompt builder failed
+
+Images that are not local files (a WebDataset tar member, a Parquet image cell, a URL) arrive as
+pipeline.sources locators; their bytes are read under FetchOptions (byte cap, timeouts, bounded
+retries), which adds `download_error` (URLs) and `unsafe_member` (tar) to the statuses above.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import stat
 import time
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import ImageLimits
 from pipeline.records import Failed, ImageInputs, ImageRef
+from pipeline.sources.fetch import FetchOptions, read_bytes
+from pipeline.sources.locator import SourceError, is_local
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +81,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_image(path: str, limits: ImageLimits) -> Image.Image:
-    """Decode an untrusted image file to RGB within the limits, or raise ImageError."""
+def open_image(path: str, limits: ImageLimits, fetch: FetchOptions = FetchOptions()) -> Image.Image:
+    """Decode an untrusted image (a file, or any pipeline.sources locator) to RGB within the limits,
+    or raise ImageError."""
+    if not is_local(path):        # tar member, Parquet cell, URL...: bytes under the fetch limits
+        try:
+            return decode_image(io.BytesIO(read_bytes(path, fetch)), path, limits)
+        except SourceError as e:
+            raise ImageError(e.status, str(e)) from None
     try:
         # O_NONBLOCK: opening a FIFO must not block; the type is then checked on the open file
         # itself (fstat), so a path swapped after a check cannot slip a FIFO or device through
@@ -94,7 +108,11 @@ def open_image(path: str, limits: ImageLimits) -> Image.Image:
     if st.st_size == 0:
         os.close(fd)
         raise ImageError("not_an_image", "empty file")
-    f = os.fdopen(fd, "rb")
+    return decode_image(os.fdopen(fd, "rb"), path, limits)
+
+
+def decode_image(f: BinaryIO, path: str, limits: ImageLimits) -> Image.Image:
+    """Decode an open untrusted image (closed afterwards) to RGB within the limits, or raise ImageError."""
     with f, warnings.catch_warnings():
         # Pillow warns between MAX_IMAGE_PIXELS and twice that; make that an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -154,11 +172,13 @@ class Preprocessor:
     """Cheap to build and picklable (paths and numbers only); setup() loads the tokenizer and
     the processor, so each worker process builds its own."""
 
-    def __init__(self, model_dir: str, question: str, template: str | None, limits: ImageLimits):
+    def __init__(self, model_dir: str, question: str, template: str | None, limits: ImageLimits,
+                 fetch: FetchOptions = FetchOptions()):
         self.model_dir = str(model_dir)
         self.question = question
         self.template = template
         self.limits = limits
+        self.fetch = fetch            # limits for non-local images (tar, Parquet, URL)
         self.processor = None
         self.prompts = None
 
@@ -174,7 +194,7 @@ class Preprocessor:
             self.setup()
         t0 = time.perf_counter()
         try:
-            img = open_image(ref.resolved, self.limits)
+            img = open_image(ref.resolved, self.limits, self.fetch)
         except ImageError as e:
             return Failed(ref, "preprocess", e.status, str(e))
         try:
