@@ -78,9 +78,10 @@ def read_cell(loc: ParquetLocator, max_bytes: int) -> bytes:
         raise SourceError("unreadable", f"cannot read {loc.file} row group {loc.row_group}: {e}") from None
     if loc.row >= len(arr):
         raise SourceError("missing", f"{loc.file} row group {loc.row_group} has no row {loc.row} (the file changed)")
-    if not arr.is_valid(loc.row):
+    cell = arr[loc.row]
+    if not cell.is_valid:
         raise SourceError("missing", f"no image bytes in this row (column {loc.column!r} is null)")
-    buf = arr[loc.row].as_buffer()
+    buf = cell.as_buffer()
     if buf.size > max_bytes:
         raise SourceError("too_large", f"{buf.size} image bytes, over the cap of {max_bytes}")
     return buf.to_pybytes()

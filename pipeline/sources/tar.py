@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "avif"})
 SIDE_EXTS = ("txt", "json")             # -> passthrough columns of the same names
 SIDE_MAX_BYTES = 1 << 20                # a longer side file is dropped (logged), not read into memory
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")   # webdataset's base_plus_ext, leading dot excluded
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's base_plus_ext; no hidden files
 
 
 @dataclass(frozen=True)

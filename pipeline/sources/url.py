@@ -54,9 +54,12 @@ def _transient(e: BaseException) -> bool:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    if type(e).__name__ == "TooManyRedirects":
+        return "too many redirects"
     status = _status_of(e)
-    return (f"HTTP {status}: " if status and str(status) not in text else "") + text[:300]
+    if status is not None and isinstance(getattr(e, "message", None), str):    # aiohttp's response errors
+        return f"HTTP {status} {e.message}"
+    return (" ".join(str(e).split()) or type(e).__name__)[:300]
 
 
 def _read_capped(f, cap: int) -> bytes:
@@ -83,8 +86,9 @@ def read_url(url: str, opts) -> bytes:
     for attempt in range(opts.retries + 1):
         try:
             fs, path = fsspec.core.url_to_fs(url, **_fs_kwargs(protocol, opts))
-            # block_size=0: one streamed GET for http(s) (no HEAD, no ranges a server may ignore)
-            extra = {"block_size": 0} if protocol in ("http", "https") else {}
+            # http(s): block_size=0 streams one GET (no ranges a server may ignore); a size given
+            # skips fsspec's size probe (a HEAD, else another GET), which the stream does not use
+            extra = {"block_size": 0, "size": 1} if protocol in ("http", "https") else {}
             with fs.open(path, "rb", **extra) as f:
                 return _read_capped(f, opts.max_bytes)
         except SourceError:
@@ -92,14 +96,16 @@ def read_url(url: str, opts) -> bytes:
         except ImportError as e:
             raise SourceError("download_error", f"{protocol}:// URLs need another package ({e}); "
                                                 "pip install 'vlm-caption-pipeline[remote]'") from None
-        except FileNotFoundError:
-            raise SourceError("download_error", f"not found: {url}") from None
         except Exception as e:  # noqa: BLE001 - network stacks raise anything; a failure is a row
-            if attempt < opts.retries and _transient(e):
+            cause = e
+            if isinstance(e, FileNotFoundError) and e.__cause__ is not None:
+                cause = e.__cause__        # fsspec's http maps every error status to FileNotFoundError
+            if attempt < opts.retries and _transient(cause) and not isinstance(cause, FileNotFoundError):
                 delay = opts.backoff_s * 2 ** attempt
-                log.debug("%s: %s; retrying in %.1f s", url, _one_line(e), delay)
+                log.debug("%s: %s; retrying in %.1f s", url, _one_line(cause), delay)
                 time.sleep(delay)
                 continue
             tries = f" (after {attempt + 1} tries)" if attempt else ""
-            raise SourceError("download_error", f"{type(e).__name__}: {_one_line(e)}{tries}") from None
+            what = "not found" if isinstance(cause, FileNotFoundError) else type(cause).__name__
+            raise SourceError("download_error", f"{what}: {_one_line(cause)}{tries}: {url}") from None
     raise AssertionError("unreachable")
