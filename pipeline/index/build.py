@@ -185,7 +185,9 @@ class _Build:
         self.res_hashes: list[np.ndarray] = []
         self.lines: list[np.ndarray] = []
 
-    def add(self, lines: np.ndarray, columns: dict[str, pa.Array], resolved: list[str] | None = None) -> None:
+    def add(self, lines: np.ndarray, columns: dict[str, Any], resolved: list[str] | None = None) -> None:
+        """One batch of rows (columns the batch lacks are null) with their line numbers."""
+        columns = {f.name: columns[f.name] if f.name in columns else pa.nulls(len(lines), f.type) for f in self.schema}
         table = pa.Table.from_pydict(columns, schema=self.schema)
         self.key_hashes.append(hash_strings(table.column("key").to_pylist()))
         if resolved is not None:

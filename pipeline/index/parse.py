@@ -130,13 +130,14 @@ def read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[EntryBatch
             bad.append(row)
             return "error"
 
-        reader = pcsv.open_csv(
-            path, read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=BLOCK, use_threads=False),
-            parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True, invalid_row_handler=invalid),
-            convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                strings_can_be_null=False, quoted_strings_can_be_null=False))
         row = 0
         try:
+            reader = pcsv.open_csv(        # reads the first block already: inside the try
+                path, read_options=pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=BLOCK, use_threads=False),
+                parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                                invalid_row_handler=invalid),
+                convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                    strings_can_be_null=False, quoted_strings_can_be_null=False))
             for rb in reader:
                 n = rb.num_rows
                 yield EntryBatch(np.arange(row + 2, row + 2 + n, dtype=np.int64), rb.column("path"),
