@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from pipeline.errors import JobError
-from pipeline.index.formats import FORMATS, Duplicate
+from pipeline.index.formats import FORMATS, Duplicate, jsonl_object, warn_duplicates
 from pipeline.records import ImageRef
 
 log = logging.getLogger(__name__)
@@ -91,15 +91,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JobError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise JobError(f"{path} line {n}: expected a JSON object with a \"path\"")
-            yield n, obj
+            obj = jsonl_object(path, n, line)
+            if obj is not None:
+                yield n, obj
 
 
 def _parquet_columns(path: Path) -> tuple[dict[str, list], dict[str, pa.DataType]]:
@@ -217,12 +211,7 @@ def _build(path: Path, fmt: str, lines: list[int], paths: list[Any], ids: list[A
         keep.append(i)
         h.update(json.dumps([key, p, [extra[k][i] for k in extra]], ensure_ascii=False, default=str).encode())
         h.update(b"\n")
-    if dropped:
-        shown = ", ".join(f"{d.key!r} (line {d.line}, first on line {d.first_line})" for d in dropped[:5])
-        log.warning("%s: %d duplicate path(s) dropped: %s%s", path, len(dropped), shown,
-                    " ..." if len(dropped) > 5 else "")
-    if same_file:
-        log.warning("%s: %d entries name a file already listed under another id or spelling", path, same_file)
+    warn_duplicates(path, dropped, same_file)
     if not keys:
         raise JobError(f"manifest {path} lists no images")
     if len(keep) != len(paths):

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import jobs.caption
 from tests.caption_helpers import caption, captions, markers, rows
 from tests.index_runs import indexed_reader
-from tests.source_fixtures import HttpServer, add_member, bytes_parquet, good_shard, hostile_shard, image_bytes
+from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes
 
 OPTS = {"max_new_tokens": 4, "shard_size": 3, "dtype": "float32"}
 

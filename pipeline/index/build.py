@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import JobError
 from pipeline.index import identity as ident
-from pipeline.index.formats import Duplicate, py_whitespace
+from pipeline.index.formats import Duplicate, py_whitespace, warn_duplicates
 from pipeline.index.inputs import InputSpec
+from pipeline.ledger import atomic_write
 from pipeline.index.parse import EntryBatch, ids_as_text, read_csv, read_jsonl, read_parquet, read_txt
 from pipeline.sources.locator import URL_RE
 from pipeline.sources.parquet_bytes import layout
@@ -403,13 +404,7 @@ def build_index(spec: InputSpec, out: str | os.PathLike, shard_size: int) -> Ind
     except BaseException:
         b.abort()
         raise
-    where = spec.manifest or spec.given
-    if dropped:
-        shown = ", ".join(f"{d.key!r} (line {d.line}, first on line {d.first_line})" for d in dropped[:5])
-        log.warning("%s: %d duplicate path(s) dropped: %s%s", where, len(dropped), shown,
-                    " ..." if len(dropped) > 5 else "")
-    if same_file:
-        log.warning("%s: %d entries name a file already listed under another id or spelling", where, same_file)
+    warn_duplicates(spec.manifest or spec.given, dropped, same_file)
     types = {f.name[len(EXTRA):]: f.type for f in b.schema if f.name.startswith(EXTRA)}
     return IndexInfo(str(out), spec.kind, meta["n_rows"], shard_size, meta["identity"], types, tuple(dropped),
                      same_file, meta)
@@ -462,14 +457,5 @@ def _same_file(path: str, res_h: np.ndarray, shard_size: int, root: str) -> int:
 
 
 def _publish(tmp: str, out: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
-    dfd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Into place the project's crash-safe way (ledger.atomic_write: fsync, rename, fsync the folder)."""
+    atomic_write(out, lambda dst: os.replace(tmp, dst))

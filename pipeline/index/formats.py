@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import JobError
+
+log = logging.getLogger(__name__)
 
 FORMATS = {".txt": "txt", ".lst": "txt", ".list": "txt", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -32,3 +36,25 @@ def format_of(path: Path) -> str:
     if suffix == ".json":
         raise JobError(f"{path}: .json manifests are not supported; use .jsonl (one object a line)")
     return FORMATS.get(suffix, "txt")
+
+
+def jsonl_object(path: Path, n: int, line: str) -> dict | None:
+    """Line n of a jsonl manifest as an object; None for a blank line; JobError naming the line."""
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JobError(f"{path} line {n}: not JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise JobError(f"{path} line {n}: expected a JSON object with a \"path\"")
+    return obj
+
+
+def warn_duplicates(where: str | Path, dropped: list[Duplicate] | tuple[Duplicate, ...], same_file: int) -> None:
+    if dropped:
+        shown = ", ".join(f"{d.key!r} (line {d.line}, first on line {d.first_line})" for d in dropped[:5])
+        log.warning("%s: %d duplicate path(s) dropped: %s%s", where, len(dropped), shown,
+                    " ..." if len(dropped) > 5 else "")
+    if same_file:
+        log.warning("%s: %d entries name a file already listed under another id or spelling", where, same_file)

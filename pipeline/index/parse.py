@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import JobError
-from pipeline.index.formats import py_whitespace
+from pipeline.index.formats import jsonl_object, py_whitespace
 
 BLOCK = 8 << 20            # bytes of text parsed at once
 BATCH = 1 << 16            # rows per batch for the Python-level (jsonl) and Parquet readers
@@ -164,14 +164,9 @@ def _jsonl_objects(path: Path) -> Iterator[tuple[list[int], list[dict]]]:
         numbers: list[int] = []
         objs: list[dict] = []
         for n, line in enumerate(lines.to_pylist(), first):
-            if not line.strip():
+            obj = jsonl_object(path, n, line)
+            if obj is None:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JobError(f"{path} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise JobError(f"{path} line {n}: expected a JSON object with a \"path\"")
             numbers.append(n)
             objs.append(obj)
         for i in range(0, len(objs), BATCH):

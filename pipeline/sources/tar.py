@@ -29,7 +29,6 @@ import re
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator
 
 from pipeline.sources.locator import SourceError, TarLocator
 
