@@ -257,3 +257,19 @@ def test_index_modules_import_no_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sources_and_index_import_nothing_above_the_core():
+    """Static (ast) check, so lazy imports count too: the index and the sources are core modules."""
+    import ast
+
+    forbidden = {"torch", "models", "stages", "jobs", "pipeline.records", "pipeline.manifest", "pipeline.cli"}
+    bad = {}
+    for p in [*(ROOT / "pipeline" / "index").rglob("*.py"), *(ROOT / "pipeline" / "sources").rglob("*.py")]:
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            hits = [n for n in names if n.split(".")[0] in forbidden or n in forbidden]
+            if hits:
+                bad[str(p.relative_to(ROOT))] = hits
+    assert bad == {}

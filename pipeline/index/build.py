@@ -123,18 +123,17 @@ def hash_strings(values: list[str]) -> np.ndarray:
 
 
 def colliding(hashes: np.ndarray) -> np.ndarray:
-    """Sorted positions whose hash occurs more than once (the only rows compared exactly)."""
+    """Sorted positions whose hash occurs more than once (the only rows compared exactly).
+    Memory: one sorted copy of the hashes (8 bytes a row) and a boolean mask."""
     if len(hashes) < 2:
         return np.empty(0, np.int64)
-    order = np.argsort(hashes, kind="stable")
-    hs = hashes[order]
+    hs = np.sort(hashes)
     eq = hs[1:] == hs[:-1]
     if not eq.any():
         return np.empty(0, np.int64)
-    member = np.zeros(len(hs), bool)
-    member[1:] |= eq
-    member[:-1] |= eq
-    return np.sort(order[member])
+    repeated = np.unique(hs[1:][eq])
+    del hs, eq
+    return np.flatnonzero(np.isin(hashes, repeated))
 
 
 def exact_groups(rows: np.ndarray, values: list[str]) -> list[list[int]]:
@@ -193,7 +192,7 @@ class _Build:
         self.key_hashes.append(hash_strings(table.column("key").to_pylist()))
         if resolved is not None:
             self.res_hashes.append(hash_strings(resolved))
-        self.lines.append(lines)
+        self.lines.append(lines.astype(np.int32) if len(lines) and lines[-1] < 2**31 else lines)
         self.writer.add(table)
 
     def abort(self) -> None:
@@ -383,11 +382,13 @@ def build_index(spec: InputSpec, out: str | os.PathLike, shard_size: int) -> Ind
                 "shard_size": shard_size, "n_rows": n, "identity": ident.combine(spec, parts),
                 "stats": _stats(spec, extra_meta), "dropped": 0, **extra_meta}
         b.writer.close(meta)
+        pa.default_memory_pool().release_unused()      # the parse buffers: the checks below need the room
         key_h = np.concatenate(b.key_hashes)
-        lines = np.concatenate(b.lines)
         b.key_hashes = []
+        lines = np.concatenate(b.lines)
+        b.lines = []
         dropped, keep = _duplicates(b, key_h, lines, unique_keys, shard_size, spec)
-        del key_h
+        del key_h, lines
         path = b.tmp
         if dropped:
             meta = {**meta, "n_rows": int(keep.sum()), "dropped": len(dropped),
@@ -395,8 +396,10 @@ def build_index(spec: InputSpec, out: str | os.PathLike, shard_size: int) -> Ind
             path = _rewrite(b, keep, meta)
         same_file = 0
         if b.res_hashes:
-            res_h = np.concatenate(b.res_hashes)[keep]
-            same_file = _same_file(path, res_h, shard_size, spec.root)
+            res_h = np.concatenate(b.res_hashes)
+            b.res_hashes = []
+            same_file = _same_file(path, res_h if keep.all() else res_h[keep], shard_size, spec.root)
+            del res_h
         _publish(path, out)
         for p in (b.tmp, b.tmp + ".2"):
             if os.path.exists(p):
