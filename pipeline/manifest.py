@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import JobError
+from pipeline.index.formats import FORMATS, Duplicate, jsonl_object, warn_duplicates
 from pipeline.records import ImageRef
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ log = logging.getLogger(__name__)
 # ALLOWED_FORMATS, JPEG's MPO included); tests/test_manifest_text.py keeps the two in step.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".png", ".apng", ".webp", ".bmp", ".gif",
                               ".tif", ".tiff", ".avif", ".avifs"})
-FORMATS = {".txt": "txt", ".lst": "txt", ".list": "txt", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
-           ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-
-@dataclass(frozen=True)
-class Duplicate:
-    key: str
-    first_line: int
-    line: int
 
 
 @dataclass(frozen=True)
@@ -103,28 +95,10 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise JobError(f"{path} line {n}: not JSON ({getattr(e, 'msg', 'nested too deeply')})") from None
-            if not isinstance(obj, dict):
-                raise JobError(f"{path} line {n}: expected a JSON object with a \"path\"")
-            if "\\u" in line:
-                _valid_unicode(obj, path, n)
-            yield n, obj
+            obj = jsonl_object(path, n, line)
+            if obj is not None:
+                yield n, obj
 
-
-def _valid_unicode(obj: Any, path: Path, line: int) -> None:
-    """JSON's \\uXXXX escapes can spell a lone UTF-16 surrogate, which is no character: such a
-    string could be neither a file name to open nor text for the Parquet shards (UTF-8)."""
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = e.object[e.start:e.end].encode("unicode_escape").decode("ascii")
-        raise JobError(f"{path} line {line}: {bad} is a lone surrogate escape, not a character "
-                       "(the file was not written from valid Unicode text)") from None
 
 
 def _parquet_columns(path: Path) -> tuple[dict[str, list], dict[str, pa.DataType]]:
@@ -242,12 +216,7 @@ def _build(path: Path, fmt: str, lines: list[int], paths: list[Any], ids: list[A
         keep.append(i)
         h.update(json.dumps([key, p, [extra[k][i] for k in extra]], ensure_ascii=False, default=str).encode())
         h.update(b"\n")
-    if dropped:
-        shown = ", ".join(f"{d.key!r} (line {d.line}, first on line {d.first_line})" for d in dropped[:5])
-        log.warning("%s: %d duplicate path(s) dropped: %s%s", path, len(dropped), shown,
-                    " ..." if len(dropped) > 5 else "")
-    if same_file:
-        log.warning("%s: %d entries name a file already listed under another id or spelling", path, same_file)
+    warn_duplicates(path, dropped, same_file)
     if not keys:
         raise JobError(f"manifest {path} lists no images")
     if len(keep) != len(paths):

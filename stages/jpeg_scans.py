@@ -13,6 +13,7 @@ the later pictures of an MPO file are skipped), in C-speed `find` steps over an 
 
 from __future__ import annotations
 
+import io
 import mmap
 import re
 
@@ -24,10 +25,13 @@ _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 _MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 
 
-def count_scans(fd: int, limit: int = MAX_SCANS) -> int:
-    """Start-of-scan markers in the JPEG open at `fd` (position untouched); counting stops past
-    `limit`. A malformed structure ends the count early: the decoder then reports the damage."""
-    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
+def count_scans(f, limit: int = MAX_SCANS) -> int:
+    """Start-of-scan markers in the JPEG of file object `f` (a file: mapped, position untouched;
+    an in-memory buffer: read as is); counting stops past `limit`. A malformed structure ends the
+    count early: the decoder then reports the damage."""
+    if isinstance(f, io.BytesIO):
+        return _count(f.getbuffer(), limit)
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         return _count(buf, limit)
 
 

@@ -20,10 +20,14 @@ Failed record with a short status:
 
 open_untrusted() is the safety part alone (the CLIP judge opens its images through it too);
 open_image() adds the captioner's EXIF rotation and RGB conversion.
+Images that are not local files (a WebDataset tar member, a Parquet image cell, a URL) arrive as
+pipeline.sources locators; their bytes are read under FetchOptions (byte cap, timeouts, bounded
+retries), which adds `download_error` (URLs) and `unsafe_member` (tar) to the statuses above.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -31,12 +35,15 @@ import re
 import stat
 import time
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import ImageLimits
 from pipeline.records import Failed, ImageRef
+from pipeline.sources.fetch import FetchOptions, read_bytes
+from pipeline.sources.locator import SourceError, is_local
 from stages.jpeg_scans import MAX_SCANS, count_scans
 from stages.records import ImageInputs
 from stages.time_limit import TimeLimitExceeded, time_limit
@@ -100,9 +107,17 @@ def _bomb_message(e: Exception, limits: ImageLimits) -> str:
     return f"{size}, over the cap of {limits.max_pixels} (--max-image-pixels)"
 
 
-def open_untrusted(path: str, limits: ImageLimits) -> Image.Image:
-    """Decode an untrusted image file as stored (first frame, mode and orientation untouched)
-    within the limits, or raise ImageError. The one opener of the captioner and the judge."""
+def open_untrusted(path: str, limits: ImageLimits, fetch: FetchOptions = FetchOptions()) -> Image.Image:
+    """Decode an untrusted image as stored (first frame, mode and orientation untouched) within the
+    limits, or raise ImageError. The one opener of the captioner and the judge. `path` is a local
+    file or any pipeline.sources locator (tar member, Parquet cell, URL): its bytes are read under
+    the fetch limits."""
+    if not is_local(path):
+        try:
+            data = read_bytes(path, fetch)
+        except SourceError as e:
+            raise ImageError(e.status, str(e)) from None
+        return decode_image(io.BytesIO(data), path, limits)
     try:
         # O_NONBLOCK: opening a FIFO must not block; the type is then checked on the open file
         # itself (fstat), so a path swapped after a check cannot slip a FIFO or device through
@@ -122,7 +137,11 @@ def open_untrusted(path: str, limits: ImageLimits) -> Image.Image:
     if st.st_size == 0:
         os.close(fd)
         raise ImageError("not_an_image", "empty file")
-    f = os.fdopen(fd, "rb")
+    return decode_image(os.fdopen(fd, "rb"), path, limits)
+
+
+def decode_image(f: BinaryIO, path: str, limits: ImageLimits) -> Image.Image:
+    """Decode an open untrusted image (closed afterwards) as stored, within the limits, or raise ImageError."""
     with f, warnings.catch_warnings():
         # Our size check below is exact; Pillow's warning between its limit and twice it is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -145,7 +164,7 @@ def open_untrusted(path: str, limits: ImageLimits) -> Image.Image:
         if max(w, h) > limits.max_aspect_ratio * min(w, h):
             raise ImageError("extreme_aspect", f"{w}x{h}: aspect ratio over {limits.max_aspect_ratio:g}")
         if img.format in ("JPEG", "MPO"):
-            scans = count_scans(f.fileno())
+            scans = count_scans(f)
             if scans > MAX_SCANS:
                 raise ImageError("too_large", f"a JPEG of over {MAX_SCANS} scans (decoding passes over the image); "
                                               "real photos have about 10")
@@ -162,9 +181,9 @@ def open_untrusted(path: str, limits: ImageLimits) -> Image.Image:
     return img
 
 
-def open_image(path: str, limits: ImageLimits) -> Image.Image:
-    """The captioner's view of an untrusted file: open_untrusted, EXIF-rotated, 8-bit RGB."""
-    img = open_untrusted(path, limits)
+def open_image(path: str, limits: ImageLimits, fetch: FetchOptions = FetchOptions()) -> Image.Image:
+    """The captioner's view of an untrusted image: open_untrusted, EXIF-rotated, 8-bit RGB."""
+    img = open_untrusted(path, limits, fetch)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # noqa: BLE001 - a broken EXIF block should not lose a good image
@@ -194,11 +213,13 @@ class Preprocessor:
     """Cheap to build and picklable (paths and numbers only); setup() loads the tokenizer and
     the processor, so each worker process builds its own."""
 
-    def __init__(self, model_dir: str, question: str, template: str | None, limits: ImageLimits):
+    def __init__(self, model_dir: str, question: str, template: str | None, limits: ImageLimits,
+                 fetch: FetchOptions = FetchOptions()):
         self.model_dir = str(model_dir)
         self.question = question
         self.template = template
         self.limits = limits
+        self.fetch = fetch            # limits for non-local images (tar, Parquet, URL)
         self.processor = None
         self.prompts = None
 
@@ -226,7 +247,7 @@ class Preprocessor:
 
     def _process(self, ref: ImageRef, t0: float) -> ImageInputs | Failed:
         try:
-            img = open_image(ref.resolved, self.limits)
+            img = open_image(ref.resolved, self.limits, self.fetch)
         except ImageError as e:
             return Failed(ref, "preprocess", e.status, str(e))
         try:

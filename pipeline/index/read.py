@@ -1,0 +1,127 @@
+"""Reading a manifest index: one shard's rows (its row group only) and cheap validation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.index import identity as ident
+from pipeline.index.build import EXTRA, read_meta
+from pipeline.index.inputs import InputSpec
+from pipeline.sources import locator as L
+from pipeline.sources.tar import scan_tar
+
+
+@dataclass(frozen=True)
+class IndexedRef:
+    """An image reference from the index: the fields of pipeline.records.ImageRef, torch-free."""
+
+    key: str
+    path: str                      # as the input wrote it (tar: 'shard.tar#member', Parquet: 'file#row')
+    resolved: str                  # the locator string (pipeline.sources.locator) that is opened
+    shard: int
+    index: int                     # position in the input (output order)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ManifestIndex:
+    """An index file opened for reading: the footer once, then any shard's row group on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.pf = pq.ParquetFile(self.path)
+        self.meta = read_meta(self.path)
+        if self.meta.get("version") != ident.VERSION:
+            raise ValueError(f"{path}: index version {self.meta.get('version')}, this program reads {ident.VERSION}")
+        self.kind: str = self.meta["kind"]
+        self.shard_size: int = self.meta["shard_size"]
+        self.n_rows: int = self.meta["n_rows"]
+        self.root: str = self.meta["root"]
+        self.identity: str = self.meta["identity"]
+        self.sources: list[dict] = self.meta.get("sources", [])
+        self.extra_types = {f.name[len(EXTRA):]: f.type for f in self.pf.schema_arrow if f.name.startswith(EXTRA)}
+        if self.pf.num_row_groups != self.n_shards:
+            raise ValueError(f"{path}: {self.pf.num_row_groups} row groups for {self.n_shards} shards")
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_size)
+
+    def shard_table(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """The rows of one shard: its row group, and nothing else of the file."""
+        return self.pf.read_row_group(shard, columns=columns)
+
+    def shards_table(self, shards: list[int], columns: list[str] | None = None) -> pa.Table:
+        return self.pf.read_row_groups(shards, columns=columns)
+
+    def _resolve(self, row: dict[str, Any]) -> str:
+        if self.kind == "manifest":
+            p = row["path"]
+            return p if L.is_url(p) or os.path.isabs(p) else os.path.normpath(os.path.join(self.root, p))
+        if row["status"] is not None:
+            return L.encode(L.RejectedLocator(row["status"], row["message"] or row["status"]))
+        src = self.sources[row["source"]]
+        if self.kind == "tar":
+            return L.encode(L.TarLocator(src["file"], row["member"], row["offset"], row["size"]))
+        return L.encode(L.ParquetLocator(src["file"], src["image_column"], row["row_group"], row["row"]))
+
+    def refs(self, shard: int) -> list[IndexedRef]:
+        """The image references of one shard, built only now (lazily, per claimed shard)."""
+        start = shard * self.shard_size
+        out = []
+        for i, row in enumerate(self.shard_table(shard).to_pylist()):
+            extra = {k[len(EXTRA):]: v for k, v in row.items() if k.startswith(EXTRA)}
+            out.append(IndexedRef(row["key"], row["path"], self._resolve(row), shard, start + i, extra))
+        return out
+
+
+def current_identity(spec: InputSpec) -> str:
+    """The identity the index of `spec` would have now (reads headers / footers / raw bytes)."""
+    parts = [ident.list_digest(spec)]
+    for given in spec.files:
+        file = spec.resolve(given)
+        if spec.kind == "tar":
+            parts.append(scan_tar(file, spec.options.max_bytes)[1])
+        else:
+            try:
+                parts.append(ident.parquet_footer_digest(file))
+            except FileNotFoundError:
+                parts.append("missing")
+            except (OSError, ValueError):
+                parts.append("unreadable")
+    return ident.combine(spec, parts)
+
+
+def check_index(path: str | os.PathLike, spec: InputSpec, shard_size: int) -> str | None:
+    """None if the index at `path` is the index of `spec` now; else why not (one phrase).
+
+    Cheap when nothing changed: the footer's record and one stat() per input file. Only when a
+    file's size or mtime differs is its content digest recomputed, which then decides."""
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return f"the index cannot be read ({e})"
+    if meta.get("version") != ident.VERSION:
+        return f"the index has version {meta.get('version')}, not {ident.VERSION}"
+    if meta.get("options") != ident.options_record(spec):
+        return "it was built with other input options"
+    if meta.get("shard_size") != shard_size:
+        return f"it was cut into shards of {meta.get('shard_size')}, not {shard_size}"
+    if meta.get("root") != spec.root or meta.get("given") != spec.given:
+        return "the input was given under another name or folder"
+    files = ([spec.manifest] if spec.manifest else []) + [spec.resolve(g) for g in spec.files]
+    recorded = meta.get("stats", [])
+    if [s["file"] for s in recorded] != files:
+        return "the input lists other files"
+    if all(ident.stat_of(s["file"]) == s["stat"] for s in recorded):
+        return None
+    if current_identity(spec) != meta.get("identity"):
+        return "the input's content changed since the index was built"
+    return None
