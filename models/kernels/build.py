@@ -99,9 +99,26 @@ def _build(isa: str):
         # leaves it and every later load would wait for it forever. Under our flock no live
         # process of ours is building this name, so any such file is stale.
         (build_dir / "lock").unlink(missing_ok=True)
-        return load_extension(name=name, sources=[str(HERE / s) for s in SOURCES],
+        return load_extension(name=name, sources=_sources_in(build_dir),
                               extra_cflags=list(BASE_FLAGS + ISA_FLAGS[isa]), extra_ldflags=["-fopenmp"],
                               build_directory=str(build_dir), verbose=False)
+
+
+def _sources_in(build_dir: Path) -> list[str]:
+    """The sources copied into the build dir, built from there: torch records the sources' paths in
+    its build file, so building from each checkout's own copy would make two installs (or two git
+    worktrees) with the same sources rebuild each other's cache entry over and over."""
+    src = build_dir / "src"
+    src.mkdir(exist_ok=True)
+    out = []
+    for name in SOURCES:
+        data, dst = (HERE / name).read_bytes(), src / name
+        if not dst.is_file() or dst.read_bytes() != data:
+            tmp = dst.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+        out.append(str(dst))
+    return out
 
 
 @contextmanager
