@@ -42,6 +42,19 @@ class CheckpointInfo:
     dtypes: tuple[str, ...]     # the stored dtypes of the tensors the model uses, e.g. ("BF16",)
 
 
+def _family_config(model_dir: str | Path):
+    """(family module, its parsed config); CheckpointError when config.json does not parse into it."""
+    mt = family_of(model_dir)
+    module = importlib.import_module(FAMILIES[mt])
+    config_cls, _ = CLASSES[mt]
+    try:
+        return module, getattr(module, config_cls).from_dict(read_config(model_dir))
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{model_dir}: config.json has a malformed value ({type(e).__name__}: {e})") from e
+
+
 def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
     """Everything about a checkpoint folder that can be known without reading a weight.
 
@@ -59,6 +72,11 @@ def check_checkpoint(model_dir: str | Path) -> CheckpointInfo:
     return CheckpointInfo(family=family, name=cfg.name, parameters=n,
                           weight_bytes=sum(f.stat().st_size for f in files),
                           dtypes=tuple(sorted({src.dtype(t) for t in src.used})))
+
+
+def context_length(model_dir: str | Path) -> int:
+    """The most positions (prompt + new tokens) the checkpoint's decoder takes."""
+    return int(_family_config(model_dir)[1].llm.max_position)
 
 
 def load_frontend(model_dir: str | Path, template: str | None = None):

@@ -66,7 +66,8 @@ def smoke(ckpt: str | Path, dtype: torch.dtype, n_new: int) -> Smoke:
     from models.registry import load_model
     from pipeline.config import DecodeConfig
     from pipeline.device import cpu_kernels
-    from pipeline.records import ImageInputs, ImageRef
+    from pipeline.records import ImageRef
+    from stages.records import ImageInputs
     from stages.caption.engine import CaptionEngine, EngineOptions
     from stages.encode import VisionEncoder
 

@@ -178,9 +178,9 @@ def test_batching_knobs_reach_the_code_that_uses_them(tmp_path, monkeypatch):
         seen.update(options=options, crops=loaded.model.max_crops_per_call)
         real_engine(self, loaded, decode, options)
 
-    def pool(self, factory, n, ahead, on_crash):
+    def pool(self, factory, n, ahead, on_crash, **limits):
         seen["ahead"] = ahead
-        real_pool(self, factory, n, ahead, on_crash)
+        real_pool(self, factory, n, ahead, on_crash, **limits)
 
     def runner(self, stages):
         seen["encode_batch"] = stages.encode_batch
@@ -249,7 +249,7 @@ def test_unwritable_output_one_error_no_half_shard(tmp_path, monkeypatch, caplog
     import pyarrow.parquet
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from cli.app import app
 
     shutil.copy(SAMPLES.parent / "samples" / "chelsea.png", tmp_path / "a.png")
     shutil.copy(SAMPLES.parent / "samples" / "coffee.png", tmp_path / "b.png")

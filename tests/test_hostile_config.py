@@ -1,6 +1,6 @@
 """Hostile checkpoint folders: every config.json / tokenizer / weight-file mistake found by the
 adversarial pass (issue 13), built from the tiny golden checkpoints, fails within seconds with one
-CheckpointError naming the field or tensor, and through `python -m pipeline.cli caption` exits 2
+CheckpointError naming the field or tensor, and through `python -m cli caption` exits 2
 with one error line, no traceback and no run directory."""
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def test_every_hostile_checkpoint_exits_2_in_one_line_through_the_cli_app(hostil
     """The `pipeline` app in this process (typer parsing, the command's error handling)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from cli.app import app
 
     failures = {}
     for case in CASES:
@@ -193,7 +193,7 @@ def test_every_hostile_checkpoint_exits_2_in_one_line_through_the_cli_app(hostil
 
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
 
 
@@ -215,12 +215,12 @@ def _exit_2_in_one_line(cases: list[Case], hostile: dict[str, Path], tmp_path: P
 CLI_SAMPLE = ("layers-1e6", "int32-weight", "added-token-string")
 
 
-def test_hostile_checkpoints_exit_2_in_one_line_through_python_m_pipeline_cli(hostile, manifest, tmp_path):
+def test_hostile_checkpoints_exit_2_in_one_line_through_python_m_cli(hostile, manifest, tmp_path):
     assert _exit_2_in_one_line([c for c in CASES if c.id in CLI_SAMPLE], hostile, tmp_path) == {}
 
 
 @pytest.mark.slow
-def test_every_hostile_checkpoint_exits_2_through_python_m_pipeline_cli(hostile, manifest, tmp_path):
+def test_every_hostile_checkpoint_exits_2_through_python_m_cli(hostile, manifest, tmp_path):
     """Every case in its own interpreter (about 2 minutes on 2 cores, hence slow; the in-process
     test above runs every case through the same app in the default suite)."""
     assert _exit_2_in_one_line(CASES, hostile, tmp_path) == {}

@@ -130,7 +130,7 @@ def _thumbnail_colours(report: str) -> list[tuple[int, int, int]]:
 def test_crafted_captions_cannot_put_another_image_in_the_report(tree, tmp_path):
     """Both runs caption the private file under every spelling; compare scores and shows only
     the images under --images, and the private one's rows say why they were not scored."""
-    from pipeline.cli import app
+    from cli.app import app
     from test_score import TINY, make_tiny_clip
 
     root, secret = tree

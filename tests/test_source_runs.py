@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import jobs.caption
+import jobs.plan
 from tests.caption_helpers import caption, captions, markers, rows
 from tests.index_runs import indexed_reader
 from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes
@@ -36,7 +36,7 @@ def reference(tmp_path_factory):
 
 def _run_with_resume(monkeypatch, given: str, out: Path, index_dir: Path, workers: int = 0) -> list[dict]:
     builds: list[str] = []
-    monkeypatch.setattr(jobs.caption, "read_manifest", indexed_reader(index_dir, OPTS["shard_size"], builds=builds))
+    monkeypatch.setattr(jobs.plan, "read_manifest", indexed_reader(index_dir, OPTS["shard_size"], builds=builds))
     assert caption(manifest=given, out=out, num_shards_total=2, shard_index=0, workers=workers, **OPTS) == 0
     first = markers(out)
     assert first and not (out / "captions.json").exists()

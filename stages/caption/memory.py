@@ -26,8 +26,9 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-    cap = options.max_batch_size or options.slot_cap
-    return max(1, min(cap, fit))
+def budget_bytes(options, device: torch.device) -> int:
+    """The bytes the KV cache and activations may use: --memory-budget, else 70 % of what is
+    available now (the weights are loaded at this point)."""
     if options.memory_budget_gib is not None:
         return int(options.memory_budget_gib * 2**30)
     return int(0.7 * available_bytes(device))
