@@ -379,7 +379,7 @@ def build_index(spec: InputSpec, out: str | os.PathLike, shard_size: int) -> Ind
             raise JobError(f"{'manifest' if spec.manifest else 'input'} {spec.manifest or spec.given} lists no images")
         meta = {"version": ident.VERSION, "kind": spec.kind, "format": spec.format, "given": spec.given,
                 "manifest": spec.manifest, "root": spec.root, "options": ident.options_record(spec),
-                "shard_size": shard_size, "n_rows": n, "identity": ident.combine(spec, parts),
+                "shard_size": shard_size, "n_rows": n, "identity": ident.combine(spec, parts), "parts": parts,
                 "stats": _stats(spec, extra_meta), "dropped": 0, **extra_meta}
         b.writer.close(meta)
         pa.default_memory_pool().release_unused()      # the parse buffers: the checks below need the room

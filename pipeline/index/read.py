@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,20 +11,9 @@ import pyarrow.parquet as pq
 from pipeline.index import identity as ident
 from pipeline.index.build import EXTRA, read_meta
 from pipeline.index.inputs import InputSpec
+from pipeline.records import ImageRef
 from pipeline.sources import locator as L
 from pipeline.sources.tar import scan_tar
-
-
-@dataclass(frozen=True)
-class IndexedRef:
-    """An image reference from the index: the fields of pipeline.records.ImageRef, torch-free."""
-
-    key: str
-    path: str                      # as the input wrote it (tar: 'shard.tar#member', Parquet: 'file#row')
-    resolved: str                  # the locator string (pipeline.sources.locator) that is opened
-    shard: int
-    index: int                     # position in the input (output order)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ManifestIndex:
@@ -72,18 +60,22 @@ class ManifestIndex:
             return L.encode(L.TarLocator(src["file"], row["member"], row["offset"], row["size"]))
         return L.encode(L.ParquetLocator(src["file"], src["image_column"], row["row_group"], row["row"]))
 
-    def refs(self, shard: int) -> list[IndexedRef]:
-        """The image references of one shard, built only now (lazily, per claimed shard)."""
+    def refs(self, shard: int, only: Collection[int] | None = None) -> list[ImageRef]:
+        """The image references of one shard (or of its input positions in `only`), built only
+        now: a process builds the refs of the shards it claims, when it claims them."""
         start = shard * self.shard_size
         out = []
         for i, row in enumerate(self.shard_table(shard).to_pylist()):
+            if only is not None and start + i not in only:
+                continue
             extra = {k[len(EXTRA):]: v for k, v in row.items() if k.startswith(EXTRA)}
-            out.append(IndexedRef(row["key"], row["path"], self._resolve(row), shard, start + i, extra))
+            out.append(ImageRef(row["key"], row["path"], self._resolve(row), shard, start + i, extra))
         return out
 
 
-def current_identity(spec: InputSpec) -> str:
-    """The identity the index of `spec` would have now (reads headers / footers / raw bytes)."""
+def current_parts(spec: InputSpec) -> list[str]:
+    """The per-input digests the index of `spec` would record now (the list's raw bytes, then each
+    tar shard's listing or Parquet file's footer): reads headers and footers, never image data."""
     parts = [ident.list_digest(spec)]
     for given in spec.files:
         file = spec.resolve(given)
@@ -96,7 +88,12 @@ def current_identity(spec: InputSpec) -> str:
                 parts.append("missing")
             except (OSError, ValueError):
                 parts.append("unreadable")
-    return ident.combine(spec, parts)
+    return parts
+
+
+def current_identity(spec: InputSpec) -> str:
+    """The identity the index of `spec` would have now."""
+    return ident.combine(spec, current_parts(spec))
 
 
 def check_index(path: str | os.PathLike, spec: InputSpec, shard_size: int) -> str | None:
@@ -114,7 +111,8 @@ def check_index(path: str | os.PathLike, spec: InputSpec, shard_size: int) -> st
         return "it was built with other input options"
     if meta.get("shard_size") != shard_size:
         return f"it was cut into shards of {meta.get('shard_size')}, not {shard_size}"
-    if meta.get("root") != spec.root or meta.get("given") != spec.given:
+    if meta.get("root") != spec.root or (meta.get("manifest") != spec.manifest if spec.manifest
+                                         else meta.get("given") != spec.given):
         return "the input was given under another name or folder"
     files = ([spec.manifest] if spec.manifest else []) + [spec.resolve(g) for g in spec.files]
     recorded = meta.get("stats", [])
