@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RUN_ROWS = 1 << 18          # rows sorted in memory at once (~50 MB of short captions)
 BATCH = 1 << 13             # rows of each run in memory while merging
+COLUMNS = ("key", "path", "caption", "status")        # what a shard must give add()
 _COLUMNS = ["key", "path", "caption"]
 _encode = json.encoder.encode_basestring          # what json.dumps(s, ensure_ascii=False) writes for a str
 
@@ -103,14 +104,19 @@ class SortedCaptions:
         self.hashes = []
         repeated = set(h[colliding(h)].tolist())
         del h
-        seen: dict[str, str] = {}
+        if not repeated:
+            return ((path, caption) for _, path, caption in self._merged())
+        return self._first_of_each_path(repeated)
+
+    def _first_of_each_path(self, repeated: set[int]) -> Iterator[tuple[str, str]]:
+        seen: set[str] = set()
         dropped = 0
-        for key, path, caption in self._merged():
-            if repeated and hash(path) in repeated:
+        for _, path, caption in self._merged():
+            if hash(path) in repeated:
                 if path in seen:
                     dropped += 1
                     continue
-                seen[path] = key
+                seen.add(path)
             yield path, caption
         if dropped:
             log.warning("captions.json: %d path(s) are named by several keys; each is written once, with the "
@@ -118,13 +124,21 @@ class SortedCaptions:
 
 
 def write_json(items: Iterable[tuple[str, str]], path: Path) -> int:
-    """Write the pairs as json.dumps(dict(items), ensure_ascii=False, indent=1) + '\\n' would; the count."""
+    """Write the pairs as json.dumps(dict(items), ensure_ascii=False, indent=1) + '\\n' would; the count.
+    Captions of captioned rows are strings; anything else is written as JSON."""
     n = 0
+    enc = _encode
+    buf: list[str] = []
     with open(path, "w", encoding="utf-8", newline="\n", buffering=1 << 20) as f:
         f.write("{")
         for p, c in items:
-            f.write(("\n " if n == 0 else ",\n ") + _encode(p) + ": " + (_encode(c) if isinstance(c, str)
-                                                                           else json.dumps(c)))
-            n += 1
+            buf.append(enc(p) + ": " + (enc(c) if c.__class__ is str else json.dumps(c)))
+            if len(buf) >= BATCH:
+                f.write(("\n " if n == 0 else ",\n ") + ",\n ".join(buf))
+                n += len(buf)
+                buf.clear()
+        if buf:
+            f.write(("\n " if n == 0 else ",\n ") + ",\n ".join(buf))
+            n += len(buf)
         f.write("\n}\n" if n else "}\n")
     return n

@@ -12,19 +12,21 @@ captions.json is only ever published whole.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.atomic import write_atomic
-from pipeline.captions_json import SortedCaptions, write_json
+from pipeline.captions_json import COLUMNS as CAPTION_COLUMNS, SortedCaptions, write_json
 from pipeline.errors import EXIT_INFRA, JobError
 from pipeline.ledger import CAPTIONS_JSON, Ledger, ShardMarker, io_error
 
@@ -42,10 +44,15 @@ class _Bad(Exception):
     """Raised inside an atomic write to discard the file: some shard failed its check."""
 
 
-def read_shard(ledger: Ledger, m: ShardMarker) -> pa.Table:
-    """A committed shard's rows, checked against its marker: the SHA-256 of the file, then the
-    table's own `shard` and `index` columns (a copy of another shard's file has the wrong ones)
-    and its row and status counts. ShardMismatch says what does not match."""
+CHECKED = ("shard", "index", "status")          # the columns read_shard checks against the marker
+
+
+def read_shard(ledger: Ledger, m: ShardMarker, columns: list[str] | None = None) -> pa.Table:
+    """A committed shard's rows (all columns, or `columns` plus the checked ones), checked against
+    its marker: the SHA-256 of the file, then the table's own `shard` and `index` columns (a copy
+    of another shard's file has the wrong ones) and its row and status counts. ShardMismatch says
+    what does not match. Small shards are many: ParquetFile on the bytes, one thread (a dataset
+    read costs 4x more per file)."""
     path = ledger.shards / m.file
     try:
         data = path.read_bytes()
@@ -53,28 +60,31 @@ def read_shard(ledger: Ledger, m: ShardMarker) -> pa.Table:
         raise ShardMismatch(f"{m.file} cannot be read ({e.strerror or e})") from None
     if hashlib.sha256(data).hexdigest() != m.sha256:
         raise ShardMismatch(f"{m.file} changed after it was committed (its SHA-256 differs from the marker's)")
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-        shards, index = table.column("shard").to_pylist(), table.column("index").to_pylist()
-        status = Counter(table.column("status").to_pylist())
-    except (pa.ArrowException, KeyError, OSError) as e:
-        raise ShardMismatch(f"{m.file} is not a readable shard ({e})") from None
     want = ledger.layout.indices(m.shard)
-    if set(shards) != {m.shard} or sorted(index) != list(want):
-        raise ShardMismatch(f"{m.file} holds rows of shard(s) {sorted(set(shards))[:3]} at manifest positions "
-                            f"{min(index, default='-')}..{max(index, default='-')}, not shard {m.shard}'s "
+    try:
+        cols = None if columns is None else list(dict.fromkeys([*columns, *CHECKED]))
+        table = pq.ParquetFile(pa.BufferReader(data)).read(columns=cols, use_threads=False)
+        shards = pc.unique(table.column("shard")).to_pylist()
+        index = np.sort(table.column("index").to_numpy())
+        status = {d["values"]: d["counts"] for d in pc.value_counts(table.column("status")).to_pylist()}
+    except (pa.ArrowException, KeyError, OSError, ValueError) as e:
+        raise ShardMismatch(f"{m.file} is not a readable shard ({e})") from None
+    if shards != [m.shard] or not np.array_equal(index, np.arange(want.start, want.stop)):
+        raise ShardMismatch(f"{m.file} holds rows of shard(s) {sorted(shards)[:3]} at manifest positions "
+                            f"{index.min(initial=-1)}..{index.max(initial=-1)}, not shard {m.shard}'s "
                             f"{want.start}..{want.stop - 1}")
-    if table.num_rows != m.rows or dict(status) != m.status:
-        raise ShardMismatch(f"{m.file} has {table.num_rows} rows {dict(status)}, the marker says {m.rows} {m.status}")
+    if table.num_rows != m.rows or status != m.status:
+        raise ShardMismatch(f"{m.file} has {table.num_rows} rows {status}, the marker says {m.rows} {m.status}")
     return table
 
 
-def iter_shards(ledger: Ledger, markers: dict[int, ShardMarker], bad: list[int]) -> Iterator[pa.Table]:
+def iter_shards(ledger: Ledger, markers: dict[int, ShardMarker], bad: list[int],
+                columns: list[str] | None = None) -> Iterator[pa.Table]:
     """The checked rows of the given shards, one shard at a time in input order. A shard that
     fails its check is set aside (the next caption run redoes it), appended to `bad` and skipped."""
     for s in sorted(markers):
         try:
-            yield read_shard(ledger, markers[s])
+            yield read_shard(ledger, markers[s], columns)
         except ShardMismatch as e:
             ledger.set_aside(markers[s], str(e))
             bad.append(s)
@@ -88,10 +98,11 @@ def _streamed(write: Writer, ledger: Ledger, markers: dict[int, ShardMarker], ou
     check; if any, nothing is published)."""
     bad: list[int] = []
     n = 0
+    columns = COLUMNS.get(write)
 
     def run(tmp: Path) -> None:
         nonlocal n
-        n = write(tmp, iter_shards(ledger, markers, bad))
+        n = write(tmp, iter_shards(ledger, markers, bad, columns))
         if bad:
             raise _Bad
 
@@ -121,48 +132,60 @@ def _jsonl(tmp: Path, shards: Iterator[pa.Table]) -> int:
     return n
 
 
-def _same_schema(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    return t if t.schema.equals(schema) else t.select(schema.names).cast(schema)
-
-
-def _csv(tmp: Path, shards: Iterator[pa.Table]) -> int:
+def _aligned(shards: Iterator[pa.Table]) -> tuple[pa.Schema | None, Iterator[pa.Table]]:
+    """The first shard's schema (None if there is none) and every shard in it (a run's shards share one)."""
     first = next(shards, None)
     if first is None:
+        return None, iter(())
+    schema = first.schema
+    return schema, itertools.chain([first], (t if t.schema.equals(schema) else t.select(schema.names).cast(schema)
+                                             for t in shards))
+
+
+def _regrouped(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The tables re-cut into tables of exactly `rows` rows (the last one fewer)."""
+    buf: list[pa.Table] = []
+    n = 0
+    for t in tables:
+        buf.append(t)
+        n += t.num_rows
+        if n >= rows:
+            whole = pa.concat_tables(buf)
+            k = n // rows * rows
+            yield whole.slice(0, k)
+            buf, n = [whole.slice(k)], n - k
+    if n:
+        yield pa.concat_tables(buf)
+
+
+def _tables(tmp: Path, shards: Iterator[pa.Table], open_writer: Callable[[str, pa.Schema], Any],
+            rows: int | None = None) -> int:
+    """Every shard through one Arrow writer (csv, parquet); `rows`: re-cut into tables of that many."""
+    schema, tables = _aligned(shards)
+    if schema is None:
         tmp.write_bytes(b"")
         return 0
-    n = first.num_rows
-    with pacsv.CSVWriter(str(tmp), first.schema) as w:
-        w.write_table(first)
-        for t in shards:
-            w.write_table(_same_schema(t, first.schema))
+    n = 0
+    how = {} if rows is None else {"row_group_size": rows}
+    with open_writer(str(tmp), schema) as w:
+        for t in (tables if rows is None else _regrouped(tables, rows)):
+            w.write_table(t, **how)
             n += t.num_rows
     return n
 
 
+def _csv(tmp: Path, shards: Iterator[pa.Table]) -> int:
+    return _tables(tmp, shards, pacsv.CSVWriter)
+
+
 def _parquet(tmp: Path, shards: Iterator[pa.Table]) -> int:
-    first = next(shards, None)
-    if first is None:
-        tmp.write_bytes(b"")
-        return 0
-    schema = first.schema
-    buf, n, total = [first], first.num_rows, first.num_rows
-    with pq.ParquetWriter(str(tmp), schema, compression="zstd") as w:
-        for t in shards:
-            buf.append(_same_schema(t, schema))
-            n += t.num_rows
-            total += t.num_rows
-            if n >= ROW_GROUP:                      # row groups of ROW_GROUP rows, not one per shard
-                t = pa.concat_tables(buf)
-                k = n // ROW_GROUP * ROW_GROUP
-                w.write_table(t.slice(0, k), row_group_size=ROW_GROUP)
-                buf, n = [t.slice(k)], n - k
-        if buf:
-            w.write_table(pa.concat_tables(buf), row_group_size=ROW_GROUP)
-    return total
+    """Row groups of ROW_GROUP rows, not one per shard (39,000 tiny row groups read badly)."""
+    return _tables(tmp, shards, lambda path, schema: pq.ParquetWriter(path, schema, compression="zstd"), ROW_GROUP)
 
 
 WRITERS: dict[str, Writer] = {
     "json": _json, "jsonl": _jsonl, "csv": _csv, "parquet": _parquet}
+COLUMNS: dict[Writer, list[str]] = {_json: list(CAPTION_COLUMNS)}      # the JSON reads only what it writes
 
 
 def finish(ledger: Ledger) -> tuple[bool, list[int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.caption_helpers import CKPT, captions, markers, rows, run_cli
-from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes
+from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes, s3_server
 
 ARGS = ("--model", CKPT, "--max-new-tokens", "4", "--shard-size", "3", "--dtype", "float32", "--quiet")
 
@@ -163,25 +163,13 @@ def test_a_failed_download_is_retried_by_retry_failed(tmp_path, reference, http_
 
 @pytest.fixture
 def s3_env(monkeypatch):
-    """An S3-compatible server (moto) with two images, reached as fsspec is configured in production:
+    """An S3-compatible server with two objects, reached as fsspec is configured in production:
     FSSPEC_S3_* and AWS_* environment variables (seen by the spawned preprocessing workers)."""
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="imgs")
-    client.put_object(Bucket="imgs", Key="6.png", Body=image_bytes(6))
-    client.put_object(Bucket="imgs", Key="page.png", Body=b"<!DOCTYPE html><html>denied</html>")
-    for k, v in {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    yield
-    srv.stop()
+    with s3_server({"imgs/6.png": image_bytes(6), "imgs/page.png": b"<!DOCTYPE html><html>denied</html>"}) as endpoint:
+        for k, v in {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        yield
 
 
 def test_s3_urls_end_to_end(tmp_path, reference, s3_env):

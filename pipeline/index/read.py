@@ -1,4 +1,7 @@
-"""Reading a manifest index: one shard's rows (its row group only) and cheap validation."""
+"""Reading a manifest index: one shard's rows (its row group only) and cheap validation.
+
+An index file is opened (its footer parsed) once per process: check_index and ManifestIndex share
+the open file while it is the same file (path, inode, size, mtime)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.index import identity as ident
-from pipeline.index.build import EXTRA, read_meta
+from pipeline.index.build import EXTRA, meta_of
 from pipeline.index.inputs import InputSpec
 from pipeline.records import ImageRef
 from pipeline.sources import locator as L
 from pipeline.sources.tar import scan_tar
+
+
+_opened: dict[str, tuple[tuple[int, int, int], pq.ParquetFile, dict[str, Any]]] = {}
+
+
+def open_file(path: str | os.PathLike) -> tuple[pq.ParquetFile, dict[str, Any]]:
+    """(the index file, its build record), parsed once per process for one version of the file;
+    OSError / ValueError / ArrowException when it is missing or not an index."""
+    path = str(path)
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _opened.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    pf = pq.ParquetFile(path)
+    meta = meta_of(pf, path)
+    _opened[path] = (key, pf, meta)           # one entry per path: a rebuilt index replaces the old one
+    return pf, meta
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    return open_file(path)[1]
 
 
 class ManifestIndex:
@@ -21,8 +46,7 @@ class ManifestIndex:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        self.pf = pq.ParquetFile(self.path)
-        self.meta = read_meta(self.path)
+        self.pf, self.meta = open_file(self.path)
         if self.meta.get("version") != ident.VERSION:
             raise ValueError(f"{path}: index version {self.meta.get('version')}, this program reads {ident.VERSION}")
         self.kind: str = self.meta["kind"]
@@ -31,9 +55,11 @@ class ManifestIndex:
         self.root: str = self.meta["root"]
         self.identity: str = self.meta["identity"]
         self.sources: list[dict] = self.meta.get("sources", [])
+        self.group_shards: int = self.meta.get("group_shards", 1)
         self.extra_types = {f.name[len(EXTRA):]: f.type for f in self.pf.schema_arrow if f.name.startswith(EXTRA)}
-        if self.pf.num_row_groups != self.n_shards:
-            raise ValueError(f"{path}: {self.pf.num_row_groups} row groups for {self.n_shards} shards")
+        if self.pf.num_row_groups != -(-self.n_shards // self.group_shards):
+            raise ValueError(f"{path}: {self.pf.num_row_groups} row groups for {self.n_shards} shards in groups "
+                             f"of {self.group_shards}")
 
     def __len__(self) -> int:
         return self.n_rows
@@ -43,11 +69,9 @@ class ManifestIndex:
         return -(-self.n_rows // self.shard_size)
 
     def shard_table(self, shard: int, columns: list[str] | None = None) -> pa.Table:
-        """The rows of one shard: its row group, and nothing else of the file."""
-        return self.pf.read_row_group(shard, columns=columns)
-
-    def shards_table(self, shards: list[int], columns: list[str] | None = None) -> pa.Table:
-        return self.pf.read_row_groups(shards, columns=columns)
+        """The rows of one shard, read from its row group alone."""
+        g, k = divmod(shard, self.group_shards)
+        return self.pf.read_row_group(g, columns=columns).slice(k * self.shard_size, self.shard_size)
 
     def _resolve(self, row: dict[str, Any]) -> str:
         if self.kind == "manifest":
