@@ -6,7 +6,7 @@ the captioned rows (key, path, caption) are gathered into runs of RUN_ROWS rows,
 sorted by key with Arrow and spilled to an Arrow IPC file in a temporary folder, and the runs are
 then merged (heapq.merge, one batch of each in memory at a time) into the JSON text. When the runs
 do not overlap (the input was already in key order) they are simply read one after the other.
-Memory: one run being sorted plus one batch per run while merging (~100 MB at 10M rows).
+Memory: one run being sorted plus one batch per run while merging (~50 MB at 10M rows).
 
 The text is exactly `json.dumps(mapping, ensure_ascii=False, indent=1) + "\\n"`. A path that two
 keys share (an id manifest naming one file twice) is written once, for the first key in key
@@ -31,8 +31,8 @@ from pipeline.index.build import colliding, hash_strings
 
 log = logging.getLogger(__name__)
 
-RUN_ROWS = 1 << 18          # rows sorted in memory at once (~50 MB of short captions)
-BATCH = 1 << 13             # rows of each run in memory while merging
+RUN_ROWS = 1 << 17          # rows sorted in memory at once (~25 MB of short captions)
+BATCH = 1 << 11             # rows of each run in memory while merging (77 runs at 10M rows)
 COLUMNS = ("key", "path", "caption", "status")        # what a shard must give add()
 _COLUMNS = ["key", "path", "caption"]
 _encode = json.encoder.encode_basestring          # what json.dumps(s, ensure_ascii=False) writes for a str
@@ -59,8 +59,9 @@ def _read_run(path: Path) -> Iterator[tuple[str, str, str]]:
 class SortedCaptions:
     """Collects captioned rows shard by shard (add), then yields (path, caption) in key order (items)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, unique_paths: bool = False):
         self.workdir = workdir
+        self.unique_paths = unique_paths
         self.buf: list[pa.Table] = []
         self.n_buf = 0
         self.runs: list[tuple[Path, str, str]] = []       # (file, first key, last key)
@@ -72,7 +73,8 @@ class SortedCaptions:
         ok = table.filter(pc.equal(table.column("status"), "ok")).select(_COLUMNS)
         if not ok.num_rows:
             return
-        self.hashes.append(hash_strings(ok.column("path").to_pylist()))
+        if not self.unique_paths:
+            self.hashes.append(hash_strings(ok.column("path").to_pylist()))
         self.buf.append(ok)
         self.n_buf += ok.num_rows
         self.rows += ok.num_rows

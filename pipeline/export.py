@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import write_atomic
 from pipeline.captions_json import COLUMNS as CAPTION_COLUMNS, SortedCaptions, write_json
 from pipeline.errors import EXIT_INFRA, JobError
+from pipeline.index import ManifestIndex
 from pipeline.ledger import CAPTIONS_JSON, Ledger, ShardMarker, io_error
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,12 @@ def iter_shards(ledger: Ledger, markers: dict[int, ShardMarker], bad: list[int],
 Writer = Callable[[Path, Iterator[pa.Table]], int]        # (temp file, shards) -> entries written
 
 
-def _streamed(write: Writer, ledger: Ledger, markers: dict[int, ShardMarker], out: Path) -> tuple[int, list[int]]:
-    """write(tmp, shards) into `out` atomically: (entries written, the shards that failed their
-    check; if any, nothing is published)."""
+def _streamed(write: Writer, ledger: Ledger, markers: dict[int, ShardMarker], out: Path,
+              columns: list[str] | None = None) -> tuple[int, list[int]]:
+    """write(tmp, shards) into `out` atomically, the shards read with `columns` (None: all): (entries
+    written, the shards that failed their check; if any, nothing is published)."""
     bad: list[int] = []
     n = 0
-    columns = COLUMNS.get(write)
 
     def run(tmp: Path) -> None:
         nonlocal n
@@ -115,12 +116,21 @@ def _streamed(write: Writer, ledger: Ledger, markers: dict[int, ShardMarker], ou
     return n, bad
 
 
-def _json(tmp: Path, shards: Iterator[pa.Table]) -> int:
-    with tempfile.TemporaryDirectory(prefix=".captions-merge-", dir=tmp.parent) as work:
-        sorter = SortedCaptions(Path(work))
-        for t in shards:
-            sorter.add(t)
-        return write_json(sorter.items(), tmp)
+def _captions_json(ledger: Ledger, markers: dict[int, ShardMarker], out: Path) -> tuple[int, list[int]]:
+    """The sorted {path: caption} JSON into `out`, reading only the columns it needs."""
+    try:
+        unique = ManifestIndex(ledger.index).unique_paths
+    except (OSError, ValueError, pa.ArrowException):
+        unique = False                          # the index is gone: check
+
+    def write(tmp: Path, shards: Iterator[pa.Table]) -> int:
+        with tempfile.TemporaryDirectory(prefix=".captions-merge-", dir=tmp.parent) as work:
+            sorter = SortedCaptions(Path(work), unique_paths=unique)
+            for t in shards:
+                sorter.add(t)
+            return write_json(sorter.items(), tmp)
+
+    return _streamed(write, ledger, markers, out, list(CAPTION_COLUMNS))
 
 
 def _jsonl(tmp: Path, shards: Iterator[pa.Table]) -> int:
@@ -183,9 +193,7 @@ def _parquet(tmp: Path, shards: Iterator[pa.Table]) -> int:
     return _tables(tmp, shards, lambda path, schema: pq.ParquetWriter(path, schema, compression="zstd"), ROW_GROUP)
 
 
-WRITERS: dict[str, Writer] = {
-    "json": _json, "jsonl": _jsonl, "csv": _csv, "parquet": _parquet}
-COLUMNS: dict[Writer, list[str]] = {_json: list(CAPTION_COLUMNS)}      # the JSON reads only what it writes
+WRITERS: dict[str, Writer] = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}         # json: _captions_json
 
 
 def finish(ledger: Ledger) -> tuple[bool, list[int]]:
@@ -204,7 +212,7 @@ def finish(ledger: Ledger) -> tuple[bool, list[int]]:
         # a no-op re-run (hourly cron on a finished run) must not re-read millions of rows
         log.info("run complete; %s is up to date", path)
         return True, []
-    count, bad = _streamed(_json, ledger, markers, path)
+    count, bad = _captions_json(ledger, markers, path)
     if bad:
         return False, bad
     log.info("run complete: %d captions in %s", count, path)
@@ -229,7 +237,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, par
     target = Path(out) if out else Path(run_dir) / (f"captions.partial.{fmt}" if partial else f"captions.{fmt}")
     if missing and target.resolve() == (ledger.root / CAPTIONS_JSON).resolve():
         raise JobError(f"{target} means a complete run to everything downstream; give --partial another -o")
-    count, bad = _streamed(WRITERS[fmt], ledger, markers, target)
+    count, bad = (_captions_json(ledger, markers, target) if fmt == "json"
+                  else _streamed(WRITERS[fmt], ledger, markers, target))
     if bad:
         raise JobError(f"{run_dir}: shard(s) {', '.join(map(str, bad[:10]))} do not match their done markers and "
                        f"were set aside (see above); re-run the caption command to redo them, then export",

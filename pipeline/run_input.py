@@ -29,7 +29,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import JobError
 from pipeline.index import InputOptions, InputSpec, ManifestIndex, build_index, check_index, current_parts, resolve_input
 from pipeline.index import identity as ident
-from pipeline.index.build import read_meta
+from pipeline.index.read import read_meta
 from pipeline.ledger import Layout, Ledger, RunDoc, different_run
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ def screen(refs: tuple[ImageRef, ...] | list[ImageRef]) -> tuple[list[Failed], l
     """(rows for the refs that cannot be opened, the refs to preprocess), each in input order."""
     failed: list[Failed] = []
     rest: list[ImageRef] = []
-    local = [r for r in refs if L.is_local(r.resolved)]
+    local = [r for r in refs if r.resolved.startswith("/") or L.is_local(r.resolved)]
     errors = dict(zip((r.index for r in local), stat_errors([r.resolved for r in local])))
     for r in refs:
         err = errors.get(r.index)

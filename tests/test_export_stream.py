@@ -83,3 +83,16 @@ def test_captions_json_is_not_written_over_a_bad_shard(run):
     _tamper(led, 4)
     assert finish(led) == (False, [4])
     assert not (out / "captions.json").exists() and not list(out.glob(".captions*"))
+
+
+def test_only_id_manifests_need_the_repeated_path_check(tmp_path, run):
+    """captions.json skips the hashed check where paths are unique by construction."""
+    from pipeline.index import ManifestIndex
+    from tests.source_fixtures import good_shard
+
+    out, led = run
+    assert ManifestIndex(led.index).unique_paths is False                     # ids: a file may be listed twice
+    (tmp_path / "t.txt").write_text("a.jpg\nb.jpg\na.jpg\n")
+    assert ManifestIndex(synthesize(tmp_path / "r1", str(tmp_path / "t.txt"), 2).index).unique_paths
+    good_shard(tmp_path / "0.tar", ["k0", "k1"])
+    assert ManifestIndex(synthesize(tmp_path / "r2", str(tmp_path / "0.tar"), 2).index).unique_paths

@@ -76,6 +76,12 @@ def test_screen_gives_the_openers_rows(kinds, tmp_path_factory):
     _check(kinds, tmp_path_factory.mktemp("screen"))
 
 
-def test_screen_on_a_large_batch_keeps_order(tmp_path):
+@pytest.mark.parametrize("threads", [False, True])
+def test_screen_on_a_large_batch_keeps_order(tmp_path, monkeypatch, threads):
+    """A large batch, stat'ed here (a fast disk) or on threads (as for a slow network filesystem)."""
+    import pipeline.sources.local as local
+
+    monkeypatch.setattr(local, "SLOW_STAT_S", 0.0 if threads else 1.0)
     kinds = [KINDS[i % len(KINDS)] for i in range(STAT_CHUNK * 5 + 7)]
     _check(kinds, tmp_path)
+    assert (local._pool is not None) or not threads

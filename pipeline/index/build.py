@@ -384,6 +384,8 @@ def build_index(spec: InputSpec, out: str | os.PathLike, shard_size: int) -> Ind
     out.parent.mkdir(parents=True, exist_ok=True)
     # unique_keys: a repeated key is an error (ids, sample keys); otherwise later repeats are dropped
     b, extra_meta, parts, unique_keys = BUILDERS[spec.kind](spec, out, shard_size)
+    if spec.kind == "manifest":
+        extra_meta = {**extra_meta, "keyed_by_path": not unique_keys}      # no id column: the path is the key
     try:
         n = b.writer.rows + b.writer.n_buf
         if n == 0:

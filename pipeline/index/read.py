@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.index import identity as ident
-from pipeline.index.build import EXTRA, meta_of
+from pipeline.index.build import EXTRA, LOCATOR_COLUMNS, meta_of, resolved_paths
 from pipeline.index.inputs import InputSpec
 from pipeline.records import ImageRef
 from pipeline.sources import locator as L
@@ -65,6 +65,12 @@ class ManifestIndex:
         return self.n_rows
 
     @property
+    def unique_paths(self) -> bool:
+        """No two rows have the same `path`: a manifest keyed by its paths (no ids), tar shards and
+        Parquet image bytes (a path names one member or row). An id manifest may list a file twice."""
+        return self.kind != "manifest" or self.meta.get("keyed_by_path", False)
+
+    @property
     def n_shards(self) -> int:
         return -(-self.n_rows // self.shard_size)
 
@@ -73,10 +79,8 @@ class ManifestIndex:
         g, k = divmod(shard, self.group_shards)
         return self.pf.read_row_group(g, columns=columns).slice(k * self.shard_size, self.shard_size)
 
-    def _resolve(self, row: dict[str, Any]) -> str:
-        if self.kind == "manifest":
-            p = row["path"]
-            return p if L.is_url(p) or os.path.isabs(p) else os.path.normpath(os.path.join(self.root, p))
+    def _locator(self, row: dict[str, Any]) -> str:
+        """The locator of a tar / Parquet-bytes row (a member, a cell, or a row the listing rejected)."""
         if row["status"] is not None:
             return L.encode(L.RejectedLocator(row["status"], row["message"] or row["status"]))
         src = self.sources[row["source"]]
@@ -86,15 +90,21 @@ class ManifestIndex:
 
     def refs(self, shard: int, only: Collection[int] | None = None) -> list[ImageRef]:
         """The image references of one shard (or of its input positions in `only`), built only
-        now: a process builds the refs of the shards it claims, when it claims them."""
+        now: a process builds the refs of the shards it claims, when it claims them. Column by
+        column (a manifest's paths are resolved by Arrow kernels), not row dicts."""
+        t = self.shard_table(shard)
         start = shard * self.shard_size
-        out = []
-        for i, row in enumerate(self.shard_table(shard).to_pylist()):
-            if only is not None and start + i not in only:
-                continue
-            extra = {k[len(EXTRA):]: v for k, v in row.items() if k.startswith(EXTRA)}
-            out.append(ImageRef(row["key"], row["path"], self._resolve(row), shard, start + i, extra))
-        return out
+        if self.kind == "manifest":
+            resolved = resolved_paths(t.column("path").combine_chunks(), self.root)
+        else:
+            locator = [f.name for f in LOCATOR_COLUMNS[self.kind]]
+            resolved = [self._locator(row) for row in t.select(locator).to_pylist()]
+        keys, paths = t.column("key").to_pylist(), t.column("path").to_pylist()
+        names = [c for c in t.column_names if c.startswith(EXTRA)]
+        extra = [t.column(c).to_pylist() for c in names]
+        names = [c[len(EXTRA):] for c in names]
+        return [ImageRef(keys[i], paths[i], resolved[i], shard, start + i, dict(zip(names, (c[i] for c in extra))))
+                for i in range(t.num_rows) if only is None or start + i in only]
 
 
 def current_parts(spec: InputSpec) -> list[str]:

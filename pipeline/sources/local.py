@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.sources.locator import SourceError
 
 STAT_THREADS = 16        # stat() waits on the file server on NFS/Lustre: overlap the round trips
 STAT_CHUNK = 64          # paths per thread task (one task per path costs more than a local stat)
+SLOW_STAT_S = 50e-6      # a local stat() takes 1-5 us, a network round trip 100 us or more
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -55,11 +57,16 @@ def _chunk(paths: list[str]) -> list[SourceError | None]:
 
 
 def stat_errors(paths: list[str]) -> list[SourceError | None]:
-    """stat_error of every path, in order; large lists are stat'ed in chunks on a few threads."""
+    """stat_error of every path, in order. The first chunk is stat'ed here; if that was slow (a
+    network filesystem), the rest go in chunks to a few threads so the round trips overlap; on a
+    local disk threads would only add their overhead."""
     global _pool
-    if len(paths) <= STAT_CHUNK:
-        return _chunk(paths)
+    t0 = time.perf_counter()
+    head = _chunk(paths[:STAT_CHUNK])
+    rest = paths[STAT_CHUNK:]
+    if not rest or (time.perf_counter() - t0) / len(head) < SLOW_STAT_S:
+        return head + _chunk(rest)
     if _pool is None:
         _pool = ThreadPoolExecutor(STAT_THREADS, thread_name_prefix="stat")
-    chunks = [paths[i:i + STAT_CHUNK] for i in range(0, len(paths), STAT_CHUNK)]
-    return [e for part in _pool.map(_chunk, chunks) for e in part]
+    chunks = [rest[i:i + STAT_CHUNK] for i in range(0, len(rest), STAT_CHUNK)]
+    return head + [e for part in _pool.map(_chunk, chunks) for e in part]
