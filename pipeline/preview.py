@@ -10,11 +10,15 @@ What it cannot see without the model: the checkpoint, the prompt and the run's f
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.ledger import Layout, Ledger, different_run, layout_mismatch
+from pipeline.errors import JobError
+from pipeline.index import build_index
+from pipeline.ledger import RUN_JSON, Layout, Ledger, different_run, layout_mismatch
 from pipeline.run_input import describe, input_spec, layout_of, open_index
 
 
@@ -79,25 +83,40 @@ def preview(cfg: RunConfig) -> PlanReport:
     t0 = time.perf_counter()
     spec = input_spec(cfg)
     ledger = Ledger(cfg.out)
-    index = open_index(ledger, spec, cfg.shard_size, cfg.overwrite)
-    layout = layout_of(index)
-    run = ledger.read_run() if (ledger.root / "run.json").exists() else None
+    try:
+        layout = layout_of(open_index(ledger, spec, cfg.shard_size, overwrite=False))
+    except JobError:
+        if not cfg.overwrite or ledger.peek_run() is None:
+            raise
+        # caption --overwrite would replace the run's index; plan changes nothing in the run dir,
+        # so the new input is indexed in a temporary folder, for its counts
+        with tempfile.TemporaryDirectory(prefix="pipeline-plan-") as tmp:
+            info = build_index(spec, Path(tmp) / "index.parquet", cfg.shard_size)
+        layout = Layout(info.identity, info.n_rows, cfg.shard_size)
+    run = None
+    if (ledger.root / RUN_JSON).exists():
+        try:
+            run = ledger.read_run()
+        except JobError:                  # damaged: caption refuses it, or starts over with --overwrite
+            if not cfg.overwrite:
+                raise
     why = layout_mismatch(run.layout, layout) if run is not None else None
     if why and not cfg.overwrite:
         raise different_run(ledger.root, why)
     starts_over = run is not None and cfg.overwrite
     state = ("new: caption creates run.json" if run is None else
-             "--overwrite: caption starts over" + (" (this task's slice)" if cfg.array.total > 1 else "")
-             if starts_over else "caption joins the run in its run.json")
-    markers = ledger.markers() if run is not None else {}
-    if starts_over:
+             "caption joins the run in its run.json" if not starts_over else
+             "--overwrite: caption starts over" + (f" ({why})" if why else "")
+             + (" for this task's slice" if cfg.array.total > 1 and not why else ""))
+    markers = ledger.markers() if run is not None and not why else {}
+    if starts_over:                       # an array task's --overwrite clears its own slice only
         markers = {s: m for s, m in markers.items() if cfg.array.total > 1 and not cfg.array.owns(s)}
     failed = {s: m.failed for s, m in markers.items() if m.failed}
     mine = tuple(s for s in range(cfg.array.index, layout.n_shards, cfg.array.total) if s not in markers)
     mine_failed = {s: n for s, n in failed.items() if cfg.array.owns(s)}
     task = Slice(cfg.array.index, cfg.array.total, mine, sum(len(layout.indices(s)) for s in mine),
                  len(mine_failed), sum(mine_failed.values()))
-    set_aside = len([s for s in ledger.set_aside_shards() if s not in markers]) if run is not None else 0
+    set_aside = len([s for s in ledger.set_aside_shards() if s not in markers]) if run is not None and not why else 0
     return PlanReport(run_dir=str(ledger.root), state=state, input=spec.given,
                       input_kind=describe(spec.kind, spec.format, len(spec.files)), layout=layout,
                       done_shards=len(markers), done_images=sum(m.rows for m in markers.values()),

@@ -78,6 +78,8 @@ def what_changed(old: dict[str, Any] | None, spec: InputSpec, parts: list[str]) 
         if opts_old.get(k) != opts_new[k]:
             return f"{OPTION_FLAGS.get(k, k)} was {opts_old.get(k)!r}, now {opts_new[k]!r}"
     old_parts = old.get("parts") or []
+    if spec.manifest and old.get("manifest") != spec.manifest:
+        return f"the run's input was {old.get('manifest')}, now {spec.manifest}"
     if not spec.manifest and old.get("given") != spec.given:
         return f"the input was {old.get('given')!r}, now {spec.given!r}"
     if old_parts[:1] != parts[:1] and spec.manifest:
