@@ -25,26 +25,45 @@ def _parameter(d: Declared) -> inspect.Parameter:
     return inspect.Parameter(d.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[d.type])
 
 
+def _run_config(config: Optional[Path], flags: dict[str, Any], optional: tuple[str, ...] = ()):
+    from pipeline import jobfile
+
+    opts = jobfile.merge(jobfile.read_jobfile(config) if config else {}, flags)
+    return jobfile.run_config(opts, str(config) if config else None, optional=optional)
+
+
 def caption(config: Optional[Path] = None, **flags: Any) -> None:
-    """Caption every image of a manifest into a run directory (resumable: re-run the same command).
+    """Caption every image of the input into a run directory (resumable: re-run the same command).
+
+    The input (--manifest or --input): a manifest of local paths and/or URLs, WebDataset tar shards
+    ('shards/{000000..000999}.tar', a .tar, or a list of .tar files), or Parquet files with image
+    bytes (img2dataset). `pipeline plan` with the same options shows what would run.
 
     Exit 1: a shard failed for an infrastructure reason (out of memory, device error, hung step).
 
     A device step that does not return in PIPELINE_STEP_TIMEOUT seconds (default 900) ends the run."""
-    from pipeline import jobfile
-
-    opts = jobfile.merge(jobfile.read_jobfile(config) if config else {}, flags)
-    cfg = jobfile.run_config(opts, str(config) if config else None)     # settings refused before torch loads
+    cfg = _run_config(config, flags)     # settings refused before torch loads
     from jobs.caption import run_caption
 
     raise typer.Exit(run_caption(cfg))
 
 
+def plan(config: Optional[Path] = None, **flags: Any) -> None:
+    """What `caption` with the same options would do: shards done / pending / with failed rows,
+    images, and this array task's slice. No model is loaded (--model may be left out); the input's
+    index is built into the run dir if it has none, so array tasks started next find it ready."""
+    from pipeline.preview import preview
+
+    typer.echo(preview(_run_config(config, flags, optional=("model",))).format())
+
+
 _CONFIG = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
     None, "--config", help="TOML job file with any of these options; flags override it", show_default=False))
-caption.__signature__ = inspect.Signature([_CONFIG, *(_parameter(d) for d in declared())])
-caption.__annotations__ = {p.name: p.annotation for p in caption.__signature__.parameters.values()}
+for _command in (caption, plan):
+    _command.__signature__ = inspect.Signature([_CONFIG, *(_parameter(d) for d in declared())])
+    _command.__annotations__ = {p.name: p.annotation for p in _command.__signature__.parameters.values()}
 
 
 def register(app: typer.Typer) -> None:
     app.command("caption")(guarded(caption))
+    app.command("plan")(guarded(plan))

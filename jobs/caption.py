@@ -1,8 +1,8 @@
 """The `caption` job: plan the run (jobs/plan.py), hand the pending shards to a distributor, finish.
 
-    prepare (checks, run.json) ─> plan_work ─> local: one ShardWorker, every shard in one stream
-                                            └> ray:   ShardWorkers in Ray actors (jobs/caption_ray.py)
-                               ─> finish: captions.json once every shard is committed
+    prepare (checks, the input's index, run.json) ─> plan_work ─> local: one ShardWorker, every shard in one stream
+                                                               └> ray:   ShardWorkers in Ray actors (jobs/caption_ray.py)
+                                                  ─> finish: captions.json (streamed) once every shard is committed
 
 A shard whose data fails verification when captions.json is built is set aside by finish() and
 planned again here, once, so the same command repairs it.
@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs.plan import RunPlan, finish, plan_work, prepare, report_end
+from jobs.plan import RunPlan, plan_work, prepare, report_end
 from jobs.shard_worker import ShardWorker, combine
 from pipeline.config import RunConfig
 from pipeline.device import cpu_count, set_threads
+from pipeline.export import finish
 from pipeline.ledger import ShardMarker
 from pipeline.progress import Progress, add_log_file
-from pipeline.runner import RunSummary, ShardWork
+from pipeline.runner import Claim, RunSummary, ShardWork
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ def run_local(plan: RunPlan, work: list[ShardWork]) -> RunSummary:
     """Every shard through one ShardWorker in this process."""
     cfg, ledger = plan.cfg, plan.ledger
     set_threads(cfg.threads)
-    done = len(ledger.markers())
+    done = len(ledger.marked())
     n_shards = ledger.layout.n_shards
 
-    def on_commit(w: ShardWork, m: ShardMarker) -> None:
+    def on_commit(w: Claim, m: ShardMarker) -> None:
         nonlocal done
         done += 1 if w.attempt == 0 else 0
         failed = ", ".join(f"{k} {v}" for k, v in m.status.items() if k != "ok")
@@ -81,9 +82,9 @@ def run_local(plan: RunPlan, work: list[ShardWork]) -> RunSummary:
                  m.rows, m.status.get("ok", 0), f", failed: {failed}" if failed else "", m.timings["wall_s"])
 
     workers = cfg.batch.preprocess_workers(cpu_count())
-    with ShardWorker(cfg, plan.prompt.question, plan.prompt.template, ledger, plan.manifest.extra_types,
-                     plan.device, plan.dtype, workers) as worker:
-        progress = Progress(sum(len(w.refs) for w in work), cfg.quiet)
+    with ShardWorker(cfg, plan.prompt.question, plan.prompt.template, ledger, plan.device, plan.dtype,
+                     workers) as worker:
+        progress = Progress(sum(w.images for w in work), cfg.quiet)
         try:
             return worker.run(work, progress, on_commit)
         finally:

@@ -35,7 +35,8 @@ from pipeline.device import (DTYPES, cluster_device_kind, device_kind, ray_actor
                              resolve_dtype, set_threads)
 from pipeline.errors import JobError
 from pipeline.ledger import Ledger
-from pipeline.manifest import Manifest
+from pipeline.index import ManifestIndex
+from pipeline.sources import locator as L
 from pipeline.progress import Progress, add_log_file, setup_logging
 from pipeline.runner import RunSummary, ShardWork
 
@@ -120,7 +121,7 @@ class ActorWorker:
     and runs one shard per call."""
 
     def __init__(self, cfg: RunConfig, question: str, template: str | None, kind: str, dtype_spec: str,
-                 extra_types: dict, plan: ActorPlan, sample_image: str | None):
+                 plan: ActorPlan, sample_image: str | None):
         setup_logging()
         host = socket.gethostname()
         ledger = Ledger(cfg.out)
@@ -134,13 +135,13 @@ class ActorWorker:
         device = resolve_device(kind)
         set_threads(cfg.threads or (plan.cpus if device.type == "cpu" else None))
         # the worker (its pool included) lives as long as the actor: processes spawned once, not per shard
-        self.worker = ShardWorker(cfg, question, template, ledger, extra_types, device,
-                                  resolve_dtype(dtype_spec, device), plan.workers)
+        self.worker = ShardWorker(cfg, question, template, ledger, device, resolve_dtype(dtype_spec, device),
+                                  plan.workers)
         self.where = f"{host} pid {os.getpid()}, {self.worker.where}, model loaded in {self.worker.load_s:.1f} s"
 
     def process(self, work: ShardWork) -> RunSummary:
         """Claim, caption and commit one shard: the local engine's code path, one shard per call."""
-        return self.worker.run([work], Progress(len(work.refs), quiet=True))
+        return self.worker.run([work], Progress(work.images, quiet=True))
 
 
 def _check_same_inputs(model: str, parts: dict, sample_image: str | None, host: str) -> None:
@@ -158,12 +159,17 @@ def _check_same_inputs(model: str, parts: dict, sample_image: str | None, host: 
                        f"the same paths (shared storage)")
 
 
-def _sample_image(manifest: Manifest) -> str | None:
-    """An image the driver can see, for the actors to check that they see it too."""
-    for path in manifest.paths[:20]:
-        resolved = manifest.resolve(path)
-        if os.path.exists(resolved):
-            return resolved
+def _sample_image(index: ManifestIndex) -> str | None:
+    """A local file the driver can see among the input's first 20 rows (an image, or the tar shard
+    or Parquet file holding it), for the actors to check that they see it too. URLs need no check."""
+    for ref in index.refs(0)[:20]:
+        try:
+            loc = L.parse(ref.resolved) if not L.is_local(ref.resolved) else L.FileLocator(ref.resolved)
+        except ValueError:
+            continue
+        path = loc.path if isinstance(loc, L.FileLocator) else getattr(loc, "file", None)
+        if path is not None and os.path.exists(path):
+            return path
     return None
 
 
@@ -182,8 +188,8 @@ def run_ray(run: RunPlan, work: list[ShardWork]) -> RunSummary:
     results: list[RunSummary] = []
     busy_tries: dict[int, int] = defaultdict(int)
     gave_up: list[int] = []
-    done = len(ledger.markers())
-    bar = tqdm(total=sum(len(w.refs) for w in work), desc="caption", unit="img", dynamic_ncols=True,
+    done = len(ledger.marked())
+    bar = tqdm(total=sum(w.images for w in work), desc="caption", unit="img", dynamic_ncols=True,
                disable=True if cfg.quiet else None)
 
     def on_result(w: ShardWork, s: RunSummary) -> float | None:
@@ -208,8 +214,8 @@ def run_ray(run: RunPlan, work: list[ShardWork]) -> RunSummary:
         return None
 
     t0 = time.perf_counter()
-    args = (cfg, run.prompt.question, run.prompt.template, plan.kind, dtype_name(run.dtype), run.manifest.extra_types,
-            plan, _sample_image(run.manifest))
+    args = (cfg, run.prompt.question, run.prompt.template, plan.kind, dtype_name(run.dtype), plan,
+            _sample_image(run.index))
     try:
         with logging_redirect_tqdm():                      # log lines above the bar, not through it
             report = distribute.run_pool(ActorWorker, args, plan.options, count, work, on_result)

@@ -1,18 +1,22 @@
 """The one module that plans a caption run, for every distributor (the local loop, Ray).
 
-    prepare()    every check that can refuse the run, cheapest first, and only then run.json
-    plan_work()  the pending shards of this slice (+ the failed rows of committed ones, --retry-failed)
-    finish()     captions.json once every shard is committed (by any process), shards verified
+    prepare()    every check that can refuse the run, cheapest first; the input's index (built once
+                 per run dir, pipeline/run_input.py); only then run.json
+    plan_work()  the pending shards of this slice (+ committed ones with failed rows, --retry-failed),
+                 as shard numbers and counts: refs are made when a shard is claimed
     report_end() the summary lines and the exit code
+(captions.json, once every shard is committed, is pipeline/export.finish: torch-free.)
 
 A run-wide mistake (a setting no image can succeed with, a checkpoint that cannot load) must
 fail here in seconds, in one line, with exit 2 and nothing written: not as a per-shard
 "infrastructure" failure that a re-run repeats forever, nor as one failed row per image with
 exit 0. So prepare() checks, before anything is written: the settings (pipeline/jobfile.py did
-the value checks), the manifest, the checkpoint's config and tensor headers
+the value checks), the input (it exists and is of a supported kind), the checkpoint's config and tensor headers
 (models.registry.check_checkpoint), the prompt and preset, and one probe image through the
 family's processor and prompt builder (a question the template cannot hold, a prompt + max new
-tokens the model's positions cannot hold), the device and dtype.
+tokens the model's positions cannot hold), the device and dtype. Then the input is indexed (or
+its index checked): an input that cannot be parsed, or that differs from the run dir's, is
+refused there, still before run.json.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from pipeline import fingerprint as fp
 from pipeline.config import DEFAULT_PROMPT, RunConfig
 from pipeline.device import DeviceError, resolve_device, resolve_dtype
 from pipeline.errors import EXIT_INFRA, JobError
-from pipeline.export import ShardMismatch, captions_mapping, read_shard, read_shards
-from pipeline.ledger import CAPTIONS_JSON, Layout, Ledger
-from pipeline.manifest import Manifest, read_manifest
+from pipeline.index import ManifestIndex
+from pipeline.ledger import Ledger
+from pipeline.run_input import input_spec, layout_of, open_index
 from pipeline.runner import RunSummary, ShardWork
 from stages.preprocess import Preprocessor
 
@@ -52,7 +56,7 @@ class RunPlan:
     """A validated run whose run.json is written: what every distributor starts from."""
 
     cfg: RunConfig
-    manifest: Manifest
+    index: ManifestIndex        # the input's index in the run dir (its footer; shards are read when claimed)
     ledger: Ledger
     prompt: Prompt
     family: str
@@ -109,17 +113,22 @@ def probe(cfg: RunConfig, prompt: Prompt, context: int) -> Preprocessor:
     image: what fails here would fail for every image. Returns the set-up frontend."""
     from models.loading import CheckpointError
 
-    front = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits)
+    def no_prompt(e: Exception) -> JobError:
+        return JobError(f"the prompt cannot be built for any image ({type(e).__name__}: {e}); "
+                        f"check --prompt / --prompt-preset and the checkpoint's config.json")
+
+    front = Preprocessor(cfg.model, prompt.question, prompt.template, cfg.limits, cfg.fetch)
     try:
         front.setup()
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, OSError) as e:
         raise JobError(f"--model {cfg.model}: {e}") from None
+    except ValueError as e:      # the template or the question (longest_prompt): no image could pass
+        raise no_prompt(e) from None
     try:
         pixels = front.processor(Image.new("RGB", PROBE_SIZE, (127, 127, 127)))
         n_prompt = len(front.prompts.build(prompt.question, pixels).ids)
     except Exception as e:  # noqa: BLE001 - whatever the family raises, no image can pass it
-        raise JobError(f"the prompt cannot be built for any image ({type(e).__name__}: {e}); "
-                       f"check --prompt / --prompt-preset and the checkpoint's config.json") from None
+        raise no_prompt(e) from None
     if n_prompt + cfg.decode.max_new_tokens > context:
         raise JobError(f"--max-new-tokens {cfg.decode.max_new_tokens} does not fit: the prompt alone is {n_prompt} "
                        f"tokens and the model takes {context} positions in all")
@@ -142,7 +151,7 @@ def prepare(cfg: RunConfig, where: Callable[[RunConfig], tuple[Any, torch.dtype]
     """Validate the run, then create or join its run dir (run.json): nothing is written before
     every check has passed. `where` resolves --device/--dtype where the models will run (this
     process, or a Ray worker: the distributor knows)."""
-    manifest = read_manifest(cfg.manifest)
+    spec = input_spec(cfg)
     family = model_family(cfg.model)
     context = check_model(cfg.model)
     prompt = resolve_prompt(cfg, family)
@@ -152,60 +161,24 @@ def prepare(cfg: RunConfig, where: Callable[[RunConfig], tuple[Any, torch.dtype]
     except DeviceError as e:
         raise JobError(str(e)) from None
     finger = fp.make(fp.model_identity(cfg.model), family, prompt.question, getattr(front.prompts, "template", None),
-                     prompt.preset, asdict(cfg.decode), dtype_name(dtype), fp.limits_identity(asdict(cfg.limits)),
-                     code_versions())
+                     prompt.preset, asdict(cfg.decode), dtype_name(dtype), fp.limits_identity(cfg), code_versions())
     ledger = Ledger(cfg.out)
-    ledger.open(finger, Layout(manifest.digest, len(manifest), cfg.shard_size),
-                _config_record(cfg, prompt, device, dtype_name(dtype)), cfg.overwrite, cfg.array)
-    return RunPlan(cfg, manifest, ledger, prompt, family, device, dtype)
+    index = open_index(ledger, spec, cfg.shard_size, cfg.overwrite)
+    ledger.open(finger, layout_of(index), _config_record(cfg, prompt, device, dtype_name(dtype)), cfg.overwrite,
+                cfg.array)
+    return RunPlan(cfg, index, ledger, prompt, family, device, dtype)
 
 
 def plan_work(plan: RunPlan) -> list[ShardWork]:
-    """Pending shards of this slice, plus (with --retry-failed) the failed rows of committed ones.
-    A committed shard read for a retry is verified first; one that fails is set aside and redone whole."""
-    cfg, ledger, manifest = plan.cfg, plan.ledger, plan.manifest
-    retries = []
+    """Pending shards of this slice, plus (with --retry-failed) its committed shards that have
+    failed rows. Only this slice's markers are read; no shard data and no refs (made at claim)."""
+    cfg, ledger = plan.cfg, plan.ledger
+    layout = ledger.layout
+    work = [ShardWork(s, len(layout.indices(s))) for s in ledger.pending(cfg.array)]
     if cfg.retry_failed:
-        import pyarrow.compute as pc
-
-        for s, m in sorted(ledger.markers().items()):
-            if not cfg.array.owns(s) or m.failed == 0:
-                continue
-            try:
-                table = read_shard(ledger, m)
-            except ShardMismatch as e:
-                ledger.set_aside(m, str(e))
-                continue
-            ok = pc.equal(table.column("status"), "ok")
-            redo = table.filter(pc.invert(ok)).column("index").to_pylist()
-            retries.append(ShardWork(s, tuple(manifest.ref(i, s) for i in redo), attempt=m.attempt + 1,
-                                     keep=table.filter(ok)))
-    work = [ShardWork(s, tuple(manifest.refs(s, cfg.shard_size))) for s in ledger.pending(cfg.array)]
-    return sorted(work + retries, key=lambda w: w.shard)
-
-
-def finish(ledger: Ledger) -> tuple[bool, list[int]]:
-    """Write captions.json if every shard of the run is committed (by any process) and each one
-    read for it matches its marker. Returns (complete, shards set aside by that check: planning
-    again redoes them)."""
-    markers = ledger.markers()
-    n = ledger.layout.n_shards
-    if len(markers) < n:
-        log.info("%d of %d shards committed; captions.json is written when all are", len(markers), n)
-        return False, []
-    path = ledger.root / CAPTIONS_JSON
-    newest = max(ledger.marker_path(s).stat().st_mtime_ns for s in markers)
-    if path.exists() and path.stat().st_mtime_ns > newest:
-        # a no-op re-run (hourly cron on a finished run) must not re-read millions of rows
-        log.info("run complete; %s is up to date", path)
-        return True, []
-    table, bad = read_shards(ledger, markers)
-    if bad:
-        return False, bad
-    captions = captions_mapping(table)
-    ledger.write_captions(captions)
-    log.info("run complete: %d captions in %s", len(captions), path)
-    return True, []
+        work += [ShardWork(s, m.failed, attempt=m.attempt + 1, retry=True)
+                 for s, m in ledger.markers(cfg.array).items() if m.failed]
+    return sorted(work, key=lambda w: w.shard)
 
 
 def log_summary(s: RunSummary) -> None:

@@ -12,10 +12,10 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 # --help panels
-PROMPT, DECODING, ENGINE, BATCHING, RUN = "Prompt", "Decoding", "Engine and device", "Batching", "Run"
+PROMPT, DECODING, ENGINE, BATCHING, RUN, INPUT = "Prompt", "Decoding", "Engine and device", "Batching", "Run", "Input"
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ DEFAULT_SHARD_SIZE = 256
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000     # 10^8: a 10k x 10k photo; larger is refused as too_large
 DEFAULT_MAX_ASPECT_RATIO = 50.0            # 1 x 20000 strips etc. are refused (padding them to a square explodes)
 DEFAULT_MAX_IMAGE_SECONDS = 60.0           # a 10^8-pixel photo preprocesses in a few seconds on one loaded core
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20         # one encoded image; a 10^8-pixel JPEG is ~30 MB
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,35 @@ class ImageLimits:
                                      help="Longer side over this x the shorter: status extreme_aspect")
     max_seconds: float = option(DEFAULT_MAX_IMAGE_SECONDS, name="max_image_seconds", above=0,
                                 help="Preprocessing one image longer than this: status timeout")
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Limits for reading one image's bytes from a tar shard, a Parquet cell or a URL (picklable: each
+    preprocessing worker gets a copy). The byte cap decides which rows are too_large, so it is part
+    of the run's fingerprint; timeouts and retries depend on the network, so they are not. Local
+    files are opened by the preprocessing stage itself and capped by pixels, not bytes."""
+
+    max_bytes: int = option(DEFAULT_MAX_IMAGE_BYTES, name="max_image_bytes", min=1, panel=INPUT,
+                            help="A tar member, Parquet cell or download of more bytes: status too_large")
+    timeout_s: float = option(30.0, name="fetch_timeout", above=0, panel=INPUT,
+                              help="Seconds a URL may take to connect, and to send each block")
+    retries: int = option(2, name="fetch_retries", min=0, panel=INPUT,
+                          help="More tries of a URL after a transient error (timeout, reset, HTTP 5xx/408/429)")
+    backoff_s: float = 0.5           # before the first retry; doubled for each further one
+    storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # fsspec's, per protocol
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How an input of Parquet files with image bytes (img2dataset's output) is read. Part of the
+    input's identity: another column is another run."""
+
+    image_column: str | None = option(None, nonempty=True, panel=INPUT,
+                                      help="Parquet image-bytes input: the column holding the encoded images",
+                                      default_text="the first binary column named jpg, jpeg, png, webp, image, ...")
+    key_column: str = option("key", nonempty=True, panel=INPUT,
+                             help="Parquet image-bytes input: the column of unique sample keys")
 
 
 @dataclass(frozen=True)
@@ -139,7 +169,10 @@ class ArraySlice:
 class RunConfig:
     """Everything `pipeline caption` was asked to do, after job file + flags + defaults are merged."""
 
-    manifest: str = option(path=True, help="Images to caption: .txt/.csv/.tsv/.jsonl/.parquet")
+    manifest: str = option(path=True, aliases=("input",), panel=INPUT,
+                           help="Images: a manifest (.txt/.csv/.tsv/.jsonl/.parquet of paths or URLs), WebDataset "
+                                "shards (a .tar, 'shards/{000000..000999}.tar', a list of .tar files) or Parquet "
+                                "files with image bytes")
     model: str = option(path=True, help="Checkpoint folder (config.json + safetensors)")
     out: str = option(path=True, help="Run directory (created; re-running resumes it)")
     prompt: str | None = option(None, panel=PROMPT, nonempty=True, help="Question asked for every image",
@@ -162,6 +195,8 @@ class RunConfig:
     retry_failed: bool = option(False, help="Re-caption only rows whose status is an error")
     array: ArraySlice = ArraySlice()
     limits: ImageLimits = ImageLimits()
+    source: InputConfig = InputConfig()
+    fetch: FetchOptions = FetchOptions()
     quiet: bool = option(False, help="No progress bar (cron); logs still go to stderr")
     config_file: str | None = None          # the TOML job file the options came from, for the record
 

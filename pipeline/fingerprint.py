@@ -3,8 +3,8 @@
 It covers everything that can change a row: the model files' identity (names, sizes and SHA-256
 of every byte — not their folder, so a checkpoint copied to another node keeps its identity;
 config.json holds the model's name), the model family, the question and template, the decoding
-settings (max new tokens included), the compute dtype, the image limits (they decide which rows
-become too_large / extreme_aspect) and the code version of each stage (bumped when a stage's
+settings (max new tokens included), the compute dtype, the image limits (pixels, aspect and the
+byte cap: they decide which rows become too_large / extreme_aspect) and the code version of each stage (bumped when a stage's
 output can change). Things that do not change a row (device index, threads, batching, shard
 size) are not in it.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import RunConfig
 from pipeline.digests import file_sha256
 
 
@@ -84,10 +85,10 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
-# Limits that decide which rows a run has (too_large, extreme_aspect); the preprocessing time limit
-# is left out: whether an image times out depends on the machine, not on what the run asked for.
-CAPTION_LIMITS = ("max_pixels", "max_aspect_ratio")
-
-
-def limits_identity(limits: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in limits.items() if k in CAPTION_LIMITS}
+def limits_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The limits that decide which rows a run has (too_large, extreme_aspect): pixels, aspect and
+    the byte cap of non-local images. Left out: the preprocessing time limit and the fetch timeouts
+    and retries, since whether an image times out depends on the machine and network, not on what
+    the run asked for."""
+    return {"max_pixels": cfg.limits.max_pixels, "max_aspect_ratio": cfg.limits.max_aspect_ratio,
+            "max_image_bytes": cfg.fetch.max_bytes}

@@ -88,9 +88,11 @@ def _build(cls: type, prefix: tuple[str, ...], values: dict[tuple[str, ...], Any
     return cls(**kwargs)
 
 
-def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | None = None) -> RunConfig:
+def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | None = None,
+                  optional: tuple[str, ...] = ()) -> RunConfig:
     """Merged options -> RunConfig, with every check that needs no model: a mistake that would
-    spoil the whole run is refused here, in one line, before anything is written."""
+    spoil the whole run is refused here, in one line, before anything is written. Required options
+    named in `optional` may be left out (`pipeline plan` needs no --model): they are then ""."""
     values: dict[tuple[str, ...], Any] = {}
     for name, value in opts.items():
         d = OPTIONS.get(_canonical(name))
@@ -105,14 +107,17 @@ def to_run_config(opts: dict[str, Any], part: ArraySlice, config_file: str | Non
         values[d.target] = value
     for d in OPTIONS.values():
         if d.required and d.target not in values:
-            raise JobError(f"{d.flag} is required (on the command line or in the --config job file)")
+            if d.name not in optional:
+                raise JobError(f"{d.flag} is required (on the command line or in the --config job file)")
+            values[d.target] = ""
     if opts.get("overwrite") and opts.get("retry_failed"):
         raise JobError("--overwrite and --retry-failed contradict each other; pick one")
     values = {t: v for t, v in values.items() if t[0] != "array"}       # the slice comes resolved
     return dataclasses.replace(_build(RunConfig, (), values), array=part, config_file=config_file)
 
 
-def run_config(opts: dict[str, Any], config_file: str | None = None, env: dict[str, str] | None = None) -> RunConfig:
+def run_config(opts: dict[str, Any], config_file: str | None = None, env: dict[str, str] | None = None,
+               optional: tuple[str, ...] = ()) -> RunConfig:
     """to_run_config with the array slice resolved from the options and the scheduler's environment."""
     part = array_task.resolve(opts.get("num_shards_total"), opts.get("shard_index"), env)
-    return to_run_config(opts, part, config_file)
+    return to_run_config(opts, part, config_file, optional)

@@ -1,10 +1,12 @@
 """The run directory: the only state a run has, kept next to its data (no database).
 
     RUN_DIR/run.json                  resolved config + fingerprint + shard layout (written once)
+    RUN_DIR/index.parquet             the input's index, shard-aligned (pipeline/index, pipeline/run_input.py)
     RUN_DIR/shards/00042.parquet      a committed shard (retries: 00042.retry1.parquet, ...)
     RUN_DIR/shards/00042.done.json    its done marker, written LAST: the shard counts only once it exists
     RUN_DIR/shards/00042.done.json.bad   a marker set aside because its data failed verification
     RUN_DIR/locks/00042.lock          flock'ed while a process works on shard 42
+    RUN_DIR/locks/index.lock          flock'ed while a process builds the index
     RUN_DIR/logs/                     one log file per invocation
     RUN_DIR/captions.json             {path as in manifest: caption}, written when every shard is done
 
@@ -12,8 +14,10 @@ Every file is written through pipeline/atomic.py (temp name, fsync, rename, fold
 SIGKILL or power loss at any instant leaves either the old or the new file, never half of one.
 
 A shard is done iff its marker parses, is the marker of that shard, carries this run's
-fingerprint and names that shard's data file with the recorded size. That check reads names and
-sizes only, so resuming a run of 39,000 shards stays cheap. The marker also records the SHA-256
+fingerprint and names that shard's data file with the recorded size. That check reads the marker
+and the data file's size only, and only for the shards asked about: an array task lists the
+folder's names and parses the markers of its own slice; "is every shard committed?" counts
+names; each marker is parsed at most once per process (cached by its stat). The marker also records the SHA-256
 of the data file; wherever a shard is read anyway (captions.json, export, --retry-failed) its
 bytes and its own index/shard columns are checked against the marker (pipeline/export.py), and a
 shard that fails is set aside and redone.
@@ -24,8 +28,10 @@ only then: a live writer holds the lock, so its temp file is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -48,14 +54,15 @@ log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 CAPTIONS_JSON = "captions.json"
-FORMAT_VERSION = 2              # 2: done markers carry the data file's SHA-256
+INDEX = "index.parquet"
+FORMAT_VERSION = 3              # 2: done markers carry the data file's SHA-256; 3: the layout names the input's identity
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How the manifest is cut into shards; a run dir only ever has one."""
+    """How the input is cut into shards; a run dir only ever has one."""
 
-    manifest_digest: str
+    input: str                  # the input's identity: raw-bytes digests + parse options (pipeline/index/identity.py)
     n_images: int
     shard_size: int
 
@@ -119,16 +126,21 @@ def _is(value: Any, hint: Any) -> bool:
     return isinstance(value, (int, float) if hint is float else hint)
 
 
+@functools.cache
+def _shape(cls: type) -> tuple[dict[str, Any], tuple, frozenset[str]]:
+    """(type hints, fields, field names) of a record class: looked up once, not per marker."""
+    return typing.get_type_hints(cls), fields(cls), frozenset(f.name for f in fields(cls))
+
+
 def _typed(cls: type, doc: Any) -> Any:
     """cls(**doc) for a dataclass of plain fields, or ValueError naming the first field that is
     missing, unknown or of the wrong type: a damaged or hand-edited file must not reach the code."""
     if not isinstance(doc, dict):
         raise ValueError(f"not a JSON object but {type(doc).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(doc) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}")
-    for f in fields(cls):
+    hints, cls_fields, names = _shape(cls)
+    if not names.issuperset(doc):
+        raise ValueError(f"unknown field {sorted(set(doc) - names)[0]!r}")
+    for f in cls_fields:
         if f.name not in doc:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"no {f.name!r}")
@@ -154,11 +166,25 @@ def parse_run(text: str) -> RunDoc:
     return _typed(RunDoc, {**doc, "layout": layout})
 
 
+def layout_mismatch(old: Layout, new: Layout) -> str | None:
+    """Why a run's layout is not this one (one phrase), or None."""
+    if old.shard_size != new.shard_size:
+        return f"its shard size was {old.shard_size}, now {new.shard_size}"
+    if old.input != new.input:
+        return (f"it was made from another input ({old.n_images} images, now {new.n_images}, "
+                f"or the same count with other content)")
+    return None
+
+
+def different_run(root: Path, why: str) -> JobError:
+    return JobError(f"{root} holds a different run: {why}; use --overwrite to start over or another --out")
+
+
 def shard_name(shard: int) -> str:
     return f"{shard:05d}"
 
 
-def _io_error(path: Path, e: OSError) -> JobError:
+def io_error(path: Path, e: OSError) -> JobError:
     what = "vanished" if e.errno == errno.ENOENT else "is not writable" if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else "failed"
     return JobError(f"output {path} {what} ({e.strerror or e}); fix the output folder and re-run the same command")
 
@@ -168,7 +194,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write_atomic(path, write)
     except OSError as e:
-        raise _io_error(path.parent, e) from None
+        raise io_error(path.parent, e) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -188,6 +214,7 @@ class ShardLock:
 
 
 _SHARD_FILE = re.compile(r"^\.?(\d+)\.")
+_MARKER = re.compile(r"^(\d+)\.done\.json$")
 
 
 class Ledger:
@@ -199,6 +226,12 @@ class Ledger:
         self._run: RunDoc | None = None
         self._flock_ok = True
         self._temps: dict[int, list[Path]] | None = None     # shard -> its temp files, listed once
+        self._parsed: dict[int, tuple[tuple[int, int, int], ShardMarker | None]] = {}   # shard -> (marker stat, result)
+
+    @property
+    def index(self) -> Path:
+        """The input's index (pipeline/run_input.py builds and checks it)."""
+        return self.root / INDEX
 
     # -- run.json ------------------------------------------------------------------------------------
     @property
@@ -228,6 +261,13 @@ class Ledger:
             raise JobError(f"{p} is damaged ({e}); re-run the caption command with --overwrite to start over") from None
         return self._run
 
+    def peek_run(self) -> RunDoc | None:
+        """run.json if the run dir has a readable one, else None (absent or damaged: open() decides)."""
+        try:
+            return self._load_run()
+        except (OSError, ValueError):
+            return None
+
     @property
     def fingerprint(self) -> str:
         return self.run.fingerprint
@@ -244,7 +284,7 @@ class Ledger:
             for d in (self.root, self.shards, self.locks, self.logs):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _io_error(self.root, e) from None
+            raise io_error(self.root, e) from None
         doc = RunDoc(format=FORMAT_VERSION, fingerprint=finger.digest, fingerprint_parts=finger.parts, layout=layout,
                      config=config, created=time.time(), created_by=f"{socket.gethostname()}:{os.getpid()}")
         try:
@@ -261,7 +301,7 @@ class Ledger:
                 self._clear(part, everything=part.total == 1)
             return
         if not overwrite:
-            raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over or another --out")
+            raise different_run(self.root, why)
         log.warning("--overwrite: %s holds a different run (%s); starting over", self.root, why)
         self._clear(part, everything=part.total == 1)
         atomic_write_text(self.root / RUN_JSON, doc.to_json())
@@ -272,13 +312,7 @@ class Ledger:
         """Why a run dir's run.json is not this run (one phrase), or None."""
         if existing.fingerprint != new.fingerprint:
             return fp.explain(existing.fingerprint_parts, new.fingerprint_parts) or "its fingerprint differs"
-        old = existing.layout
-        if old.manifest_digest != new.layout.manifest_digest:
-            return (f"it was made from a different manifest ({old.n_images} images, "
-                    f"now {new.layout.n_images}, or the same count with different entries)")
-        if old.shard_size != new.layout.shard_size:
-            return f"its shard size was {old.shard_size}, now {new.layout.shard_size}"
-        return None
+        return layout_mismatch(existing.layout, new.layout)
 
     def _create_run(self, doc: RunDoc) -> None:
         """Create run.json if absent; with array tasks starting together exactly one creation wins
@@ -289,10 +323,9 @@ class Ledger:
         except FileExistsError:
             why = self._mismatch(self.read_run(), doc)
             if why:
-                raise JobError(f"{self.root} holds a different run: {why}; use --overwrite to start over "
-                               f"or another --out") from None
+                raise different_run(self.root, why) from None
         except OSError as e:
-            raise _io_error(self.root, e) from None
+            raise io_error(self.root, e) from None
 
     def _clear(self, part: ArraySlice, everything: bool) -> None:
         """--overwrite: drop this slice's shards (all of them for a single process) and captions.json."""
@@ -317,7 +350,34 @@ class Ledger:
 
     def _valid(self, shard: int, path: Path) -> ShardMarker | None:
         try:
-            m = _typed(ShardMarker, json.loads(path.read_text(encoding="utf-8")))
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("ignoring unreadable done marker %s (%s); its shard will be redone", path, e.strerror or e)
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._parsed.get(shard)
+        if cached is not None and cached[0] == key:
+            m = cached[1]
+        else:
+            m = self._parse_marker(shard, path)
+            self._parsed[shard] = (key, m)
+        if m is None:
+            return None
+        try:
+            size = (self.shards / m.file).stat().st_size
+        except OSError:
+            size = -1
+        if size != m.bytes:
+            log.warning("shard %d: data file %s is missing or changed; the shard will be redone", shard, m.file)
+            return None
+        return m
+
+    def _parse_marker(self, shard: int, path: Path) -> ShardMarker | None:
+        """The marker file, typed and checked against this run and shard; None (with a warning) if not valid."""
+        try:
+            m = _typed(ShardMarker, json.loads(path.read_bytes()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as e:
@@ -330,43 +390,45 @@ class Ledger:
             log.warning("ignoring done marker %s: it does not describe shard %d's own data file (shard %d, "
                         "file %r); the shard will be redone", path, shard, m.shard, m.file)
             return None
-        try:
-            size = (self.shards / m.file).stat().st_size
-        except OSError:
-            size = -1
-        if size != m.bytes:
-            log.warning("shard %d: data file %s is missing or changed; the shard will be redone", shard, m.file)
-            return None
         return m
 
-    def markers(self) -> dict[int, ShardMarker]:
-        """All valid done markers of the run, by shard (names and sizes only: no data is read)."""
-        out = {}
-        n = self.layout.n_shards
+    def marker_mtime_ns(self, shard: int) -> int:
+        """When the shard's marker was written, as last seen by marker()/markers() (no new stat)."""
+        cached = self._parsed.get(shard)
+        return cached[0][0] if cached is not None else os.stat(self.marker_path(shard)).st_mtime_ns
+
+    def _names(self) -> list[str]:
         try:
-            names = sorted(os.listdir(self.shards))
+            return os.listdir(self.shards)
         except OSError as e:
-            raise _io_error(self.shards, e) from None
-        for name in names:
-            if name.endswith(".done.json") and not name.startswith("."):
-                s = self._shard_of(name)
-                if s is not None and s < n:
-                    m = self._valid(s, self.shards / name)
-                    if m is not None:
-                        out[s] = m
+            raise io_error(self.shards, e) from None
+
+    def marked(self, names: list[str] | None = None) -> list[int]:
+        """Shards that have a marker file, by name alone (none is read): sorted. A count of these
+        below the shard count means the run is not complete, without parsing a marker."""
+        n = self.layout.n_shards
+        found = (_MARKER.match(name) for name in (self._names() if names is None else names))
+        return sorted(s for m in found if m is not None and (s := int(m.group(1))) < n)
+
+    def markers(self, part: ArraySlice | None = None) -> dict[int, ShardMarker]:
+        """The valid done markers of the run (or of the shards `part` owns), by shard. Names are
+        filtered before any marker is read; no data file is read."""
+        out = {}
+        for s in self.marked():
+            if part is None or part.owns(s):
+                m = self._valid(s, self.marker_path(s))
+                if m is not None:
+                    out[s] = m
         return out
 
     def pending(self, part: ArraySlice) -> list[int]:
-        done = self.markers()
-        return [s for s in range(self.layout.n_shards) if part.owns(s) and s not in done]
+        done = self.markers(part)
+        return [s for s in range(part.index, self.layout.n_shards, part.total) if s not in done]
 
-    def set_aside_shards(self) -> list[int]:
+    def set_aside_shards(self, names: list[str] | None = None) -> list[int]:
         """Shards with a marker set aside (NNNNN.done.json.bad), whether redone since or not."""
-        try:
-            return sorted(s for name in os.listdir(self.shards)
-                          if name.endswith(".done.json.bad") and (s := self._shard_of(name)) is not None)
-        except OSError as e:
-            raise _io_error(self.shards, e) from None
+        return sorted(s for name in (self._names() if names is None else names)
+                      if name.endswith(".done.json.bad") and (s := self._shard_of(name)) is not None)
 
     def set_aside(self, marker: ShardMarker, why: str) -> bool:
         """A committed shard whose data does not match its marker: rename the marker away (to
@@ -377,16 +439,21 @@ class Ledger:
         if lock is None:
             return False
         try:
-            if self.marker(marker.shard) != marker:
-                return False
-            path = self.marker_path(marker.shard)
-            os.replace(path, path.with_name(path.name + ".bad"))
-            log.error("shard %d: %s; its done marker is set aside and the shard will be redone", marker.shard, why)
-            return True
-        except OSError as e:
-            raise _io_error(self.shards, e) from None
+            return self.set_aside_locked(marker, why)
         finally:
             lock.release()
+
+    def set_aside_locked(self, marker: ShardMarker, why: str) -> bool:
+        """set_aside() for a caller that holds the shard's lock."""
+        if self.marker(marker.shard) != marker:
+            return False
+        path = self.marker_path(marker.shard)
+        try:
+            os.replace(path, path.with_name(path.name + ".bad"))
+        except OSError as e:
+            raise io_error(self.shards, e) from None
+        log.error("shard %d: %s; its done marker is set aside and the shard will be redone", marker.shard, why)
+        return True
 
     # -- committing ----------------------------------------------------------------------------------
     def commit(self, marker: ShardMarker, write_data: Callable[[Path], None]) -> ShardMarker:
@@ -398,7 +465,7 @@ class Ledger:
         try:
             size, digest = data.stat().st_size, hash_file(data)
         except OSError as e:
-            raise _io_error(self.shards, e) from None
+            raise io_error(self.shards, e) from None
         marker = ShardMarker(**{**asdict(marker), "bytes": size, "sha256": digest, "fingerprint": self.fingerprint,
                                 "host": socket.gethostname(), "pid": os.getpid()})
         atomic_write_text(self.marker_path(marker.shard), json.dumps(asdict(marker), indent=1, ensure_ascii=False))
@@ -423,7 +490,7 @@ class Ledger:
                         if s is not None:
                             self._temps.setdefault(s, []).append(Path(e.path))
             except OSError as e:
-                raise _io_error(self.shards, e) from None
+                raise io_error(self.shards, e) from None
         n = 0
         for p in self._temps.pop(shard, []):
             try:
@@ -432,7 +499,7 @@ class Ledger:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                raise _io_error(self.shards, e) from None
+                raise io_error(self.shards, e) from None
         if n:
             log.info("shard %d: removed %d temp file(s) left by a killed process", shard, n)
         return n
@@ -445,7 +512,7 @@ class Ledger:
         try:
             fd = os.open(self.locks / f"{shard_name(shard)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _io_error(self.locks, e) from None
+            raise io_error(self.locks, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -458,8 +525,25 @@ class Ledger:
             return ShardLock(None)
         return ShardLock(fd)
 
-    # -- whole-run outputs ---------------------------------------------------------------------------
-    def write_captions(self, captions: dict[str, str]) -> Path:
-        path = self.root / CAPTIONS_JSON
-        atomic_write_text(path, json.dumps(captions, ensure_ascii=False, indent=1) + "\n")
-        return path
+    @contextlib.contextmanager
+    def index_lock(self):
+        """Held while the input's index is built or replaced, so that of many array tasks starting
+        together one builds it and the others wait, then find it ready. Blocks; a holder that dies
+        releases it (flock). Creates the run dir's folders, as building the index starts the run."""
+        try:
+            self.locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.locks / "index.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise io_error(self.root, e) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another process is building the input's index in %s; waiting for it", self.root)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:            # no flock on this filesystem: build anyway (the publish is atomic)
+                log.warning("file locks unsupported in %s (%s); concurrent tasks may each build the index",
+                            self.locks, e)
+            yield
+        finally:
+            os.close(fd)

@@ -12,7 +12,10 @@
 One stream spans shard boundaries so the engine's slots stay full between shards; records are
 routed back to their shard by ref.shard and a shard is committed (atomically, by the callback)
 the moment its last row arrives. A shard is claimed (locked) just before its first image enters
-the stream; a claim that fails means another process has it, and the shard is skipped.
+the stream, and its image references are made only then (by the claim, from the input's index);
+a claim that fails means another process has it or did it, and the shard is skipped. The claimed
+refs pass a screen first: those that cannot be opened at all (a missing local file, a rejected
+tar member) become rows right here and never cost a trip through the preprocessing pool.
 
 The runner knows no model: it is given the stage callables. Stage time is measured exclusively
 (time in a nested section is not counted in the enclosing one) so the numbers add up to the wall
@@ -39,18 +42,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShardWork:
+    """A shard to do, as planned: small (no refs), so 39,000 of them cost nothing to hold or send."""
+
     shard: int
-    refs: tuple[ImageRef, ...]      # the images to (re)caption in this shard
+    images: int                     # images it is planned to (re)caption (progress totals)
     attempt: int = 0                # 0 = first pass; k = k-th --retry-failed pass
+    retry: bool = False             # --retry-failed: redo only the committed shard's failed rows
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A shard this process now holds (its lock) with the images to do, made at claim time."""
+
+    shard: int
+    lock: Any
+    refs: tuple[ImageRef, ...]
+    attempt: int = 0
     keep: Any = None                # retry: the shard's committed rows that stay (opaque here)
 
 
 @dataclass
 class OpenShard:
-    work: ShardWork
-    claim: Any
+    claim: Claim
     started: float
     records: list[Caption | Failed] = field(default_factory=list)
+
+
+def screen_nothing(refs: tuple[ImageRef, ...]) -> tuple[list[Failed], list[ImageRef]]:
+    return [], list(refs)
 
 
 @dataclass(frozen=True)
@@ -114,10 +133,11 @@ class Stages:
     pool: Pool
     encode: Callable[[list[ImageInputs]], list[VisionFeatures | Failed]]
     make_engine: Callable[[], Engine]                         # a fresh engine per stream (after a failure too)
-    claim: Callable[[ShardWork], Any | None]                 # lock + re-check; None = skip the shard
-    release: Callable[[Any], None]
-    commit: Callable[[ShardWork, list[Caption | Failed], float], None]   # (work, records, unix start)
+    claim: Callable[[ShardWork], Claim | None]               # lock + re-check + refs; None = skip the shard
+    release: Callable[[Any], None]                            # the claim's lock
+    commit: Callable[[Claim, list[Caption | Failed], float], None]   # (claim, records, unix start)
     progress: Progress
+    screen: Callable[[tuple[ImageRef, ...]], tuple[list[Failed], list[ImageRef]]] = screen_nothing
     encode_batch: int = 8
     max_stream_failures: int = 2                              # consecutive failed streams before giving up
 
@@ -196,8 +216,14 @@ class _Stream:
             if claim is None:
                 self.busy.append(w.shard)
                 continue
-            self.open[w.shard] = OpenShard(w, claim, time.time())
-            yield from w.refs
+            sh = self.open[w.shard] = OpenShard(claim, time.time())
+            with self.t.section("screen"):
+                failed, rest = self.s.screen(claim.refs)
+                for rec in failed:
+                    self._accept(rec)
+                if not claim.refs:
+                    self._commit(sh)
+            yield from rest
 
     def _accept(self, rec: Caption | Failed) -> None:
         sh = self.open.get(rec.ref.shard)
@@ -209,15 +235,19 @@ class _Stream:
         if isinstance(rec, Caption):
             self.tokens += rec.n_new
         self.s.progress.record(rec)
-        if len(sh.records) == len(sh.work.refs):
-            with self.t.section("write"):
-                keys = {r.ref.key for r in sh.records}
-                if len(keys) != len(sh.records):
-                    raise RuntimeError(f"shard {sh.work.shard}: duplicate rows from the stages")
-                self.s.commit(sh.work, sh.records, sh.started)
-                self.s.release(sh.claim)
-                del self.open[sh.work.shard]
-                self.committed.append(sh.work.shard)
+        if len(sh.records) == len(sh.claim.refs):
+            self._commit(sh)
+
+    def _commit(self, sh: OpenShard) -> None:
+        shard = sh.claim.shard
+        with self.t.section("write"):
+            keys = {r.ref.key for r in sh.records}
+            if len(keys) != len(sh.records):
+                raise RuntimeError(f"shard {shard}: duplicate rows from the stages")
+            self.s.commit(sh.claim, sh.records, sh.started)
+            self.s.release(sh.claim.lock)
+            del self.open[shard]
+            self.committed.append(shard)
 
     # -- encode: batches of whatever the pool has ready -----------------------------------------------
     def _features(self, inputs: Iterator[ImageInputs | Failed]) -> Iterator[VisionFeatures]:
@@ -268,7 +298,7 @@ class _Stream:
                     pass
         for sh in self.open.values():
             try:
-                self.s.release(sh.claim)
+                self.s.release(sh.claim.lock)
             except OSError:
                 pass
         self.open.clear()

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import stat
 import time
 import warnings
 from typing import BinaryIO
@@ -40,9 +39,10 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.config import ImageLimits
+from pipeline.config import FetchOptions, ImageLimits
 from pipeline.records import Failed, ImageRef
-from pipeline.sources.fetch import FetchOptions, read_bytes
+from pipeline.sources.fetch import read_bytes
+from pipeline.sources.local import file_error, open_error
 from pipeline.sources.locator import SourceError, is_local
 from stages.jpeg_scans import MAX_SCANS, count_scans
 from stages.records import ImageInputs
@@ -122,21 +122,13 @@ def open_untrusted(path: str, limits: ImageLimits, fetch: FetchOptions = FetchOp
         # O_NONBLOCK: opening a FIFO must not block; the type is then checked on the open file
         # itself (fstat), so a path swapped after a check cannot slip a FIFO or device through
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ImageError("missing", f"no such file: {path}") from None
-    except PermissionError as e:
-        raise ImageError("unreadable", f"permission denied: {e.filename}") from None
-    except IsADirectoryError:
-        raise ImageError("not_a_file", "a folder, not a file") from None
     except (OSError, ValueError) as e:   # ValueError: NUL in the path
-        raise ImageError("unreadable", f"cannot open: {e}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+        err = open_error(e, path)
+        raise ImageError(err.status, str(err)) from None
+    err = file_error(os.fstat(fd))
+    if err is not None:
         os.close(fd)
-        raise ImageError("not_a_file", "not a regular file")
-    if st.st_size == 0:
-        os.close(fd)
-        raise ImageError("not_an_image", "empty file")
+        raise ImageError(err.status, str(err))
     return decode_image(os.fdopen(fd, "rb"), path, limits)
 
 

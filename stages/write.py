@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import Ledger, ShardMarker
 from pipeline.records import Caption, Failed, ResultRow
-from pipeline.runner import ShardWork
+from pipeline.runner import Claim
 from pipeline.schema import OutputSchema
 
 log = logging.getLogger(__name__)
@@ -37,24 +37,24 @@ class ShardWriter:
         self.ledger = ledger
         self.schema = schema
 
-    def merged(self, work: ShardWork, new: pa.Table) -> pa.Table:
+    def merged(self, claim: Claim, new: pa.Table) -> pa.Table:
         """A retry's new rows with the rows it keeps from the committed shard, in manifest order."""
-        if work.keep is None:
+        if claim.keep is None:
             return new
-        merged = pa.concat_tables([work.keep.cast(self.schema.schema), new])
+        merged = pa.concat_tables([claim.keep.cast(self.schema.schema), new])
         return merged.take(pc.sort_indices(merged, sort_keys=[("index", "ascending")]))
 
-    def commit(self, work: ShardWork, records: list[Caption | Failed], started: float) -> ShardMarker:
+    def commit(self, claim: Claim, records: list[Caption | Failed], started: float) -> ShardMarker:
         new = self.schema.table([(r.ref, ResultRow.from_record(r)) for r in records])
-        table = self.merged(work, new)
+        table = self.merged(claim, new)
         status = dict(sorted(Counter(table.column("status").to_pylist()).items()))
         now = time.time()
         timings = {c: round(_sum(new, c), 6) for c in STAGE_COLUMNS}
         timings["wall_s"] = round(now - started, 6)
-        marker = ShardMarker(shard=work.shard, file=self.ledger.data_file(work.shard, work.attempt), bytes=0,
-                             rows=table.num_rows, status=status, fingerprint="", attempt=work.attempt,
+        marker = ShardMarker(shard=claim.shard, file=self.ledger.data_file(claim.shard, claim.attempt), bytes=0,
+                             rows=table.num_rows, status=status, fingerprint="", attempt=claim.attempt,
                              processed=len(records), started=started, finished=now, timings=timings,
                              new_tokens=int(_sum(new, "n_new_tokens")))
         marker = self.ledger.commit(marker, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-        log.debug("shard %d committed: %s", work.shard, marker.file)
+        log.debug("shard %d committed: %s", claim.shard, marker.file)
         return marker

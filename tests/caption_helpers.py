@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.caption import run_caption
 from pipeline import array_task, jobfile
 from pipeline.ledger import Ledger
-from pipeline.export import read_shards
+from pipeline.export import iter_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "tests" / "golden" / "bunny-tiny" / "checkpoint"
@@ -32,6 +33,17 @@ def cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess
     """`pipeline ...` in a fresh interpreter (as cron would run it)."""
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_cli(*args: str | Path) -> int:
+    """`pipeline ARGS` through the real command line (typer, flags, guard), in this process: the exit code."""
+    from cli.app import app
+
+    try:
+        code = app([str(a) for a in args], prog_name="pipeline", standalone_mode=False)
+    except SystemExit as e:
+        code = e.code
+    return int(code or 0)
 
 
 def caption(**opts) -> int:
@@ -62,9 +74,9 @@ def rows(run_dir: Path, keep_timings: bool = False) -> list[dict]:
     """The merged rows of a run, without the per-image timings (which vary run to run)."""
     led = Ledger(run_dir)
     led.read_run()
-    table, bad = read_shards(led, led.markers())
+    bad: list[int] = []
+    out = pa.concat_tables(iter_shards(led, led.markers(), bad)).to_pylist()
     assert bad == []
-    out = table.to_pylist()
     if not keep_timings:
         for r in out:
             for c in TIMING_COLUMNS:

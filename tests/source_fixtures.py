@@ -3,6 +3,7 @@ Parquet image-bytes files, and a local HTTP server with misbehaving routes."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -10,6 +11,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -157,3 +159,30 @@ class HttpServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def s3_server(objects: dict[str, bytes]) -> Iterator[str]:
+    """An S3-compatible server (moto's server mode, not a mock of fsspec) on 127.0.0.1 holding
+    `objects` ({"bucket/key": bytes}, buckets created), credentials test/test in us-east-1; yields
+    its endpoint URL. Skips the test when moto, boto3 or s3fs is not installed."""
+    import pytest
+
+    moto_server = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                              region_name="us-east-1")
+        for bucket in sorted({k.split("/", 1)[0] for k in objects}):
+            client.create_bucket(Bucket=bucket)
+        for k, body in objects.items():
+            bucket, key = k.split("/", 1)
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+        yield endpoint
+    finally:
+        srv.stop()

@@ -65,9 +65,13 @@ def test_package_does_not_import_upwards(package, forbidden):
     assert {k: v for k, v in bad.items() if v} == {}
 
 
+CORE = {"records.py", "ledger.py", "status.py", "export.py", "manifest.py", "run_input.py", "preview.py",
+        "captions_json.py", "screen.py", "runner.py", "build.py", "read.py", "fetch.py", "local.py"}
+
+
 def test_pipeline_core_imports_no_model_stage_or_torch():
     core = _core()
-    assert len(core) > 10 and {"records.py", "ledger.py", "status.py", "export.py"} <= {p.name for p in core}
+    assert len(core) > 10 and CORE <= {p.name for p in core}
     bad = {p.name: sorted(_imports(p) & {"models", "stages", "torch"}) for p in core}
     assert {k: v for k, v in bad.items() if v} == {}
 
@@ -108,14 +112,23 @@ def test_the_walker_sees_lazy_imports_and_skips_type_checking(tmp_path):
     assert _imports(f) == {"typing", "models"}
 
 
-def test_status_and_export_never_load_torch(tmp_path):
-    """The whole command line of `pipeline status` and `export`, in a fresh interpreter."""
-    code = ("import sys\nfrom cli.app import app\n"
-            "for args in (['status', sys.argv[1]], ['export', sys.argv[1]]):\n"
+def test_plan_status_and_export_never_load_torch(tmp_path):
+    """The whole command line of `pipeline plan`, `status` and `export` (json: the streamed sort),
+    in a fresh interpreter, on a committed run made without a model."""
+    from tests.synthetic_runs import synthesize
+
+    (tmp_path / "m.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
+    synthesize(tmp_path / "run", str(tmp_path / "m.txt"), 2, shards=[0])
+    code = ("import sys\nfrom cli.app import app\nm, run = sys.argv[1:]\n"
+            "for args in (['plan', '--input', m, '--out', run, '--shard-size', '2'], ['status', run],\n"
+            "             ['export', run, '--partial'], ['export', run + '-none']):\n"
             "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'stages')))")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-run")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.txt"), str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert "1 done (0 with failed rows: 0 images), 1 pending (1 images)" in r.stdout          # plan
+    assert "done       2 images in 1 shard(s)" in r.stdout                                      # status
+    assert (tmp_path / "run" / "captions.partial.json").exists()                                 # export
     assert "is not a run directory" in r.stderr

@@ -84,7 +84,7 @@ def test_open_creates_then_joins_and_refuses_mismatch(tmp_path):
     assert 'question was "Describe this image.", now "What?"' in str(e.value) and "--overwrite" in str(e.value)
     with pytest.raises(JobError, match="shard size was 4, now 5"):
         _open(tmp_path / "run", layout=Layout("sha256:m1", 10, 5))
-    with pytest.raises(JobError, match="different manifest"):
+    with pytest.raises(JobError, match="made from another input"):
         _open(tmp_path / "run", layout=Layout("sha256:m2", 10, 4))
 
 

@@ -14,14 +14,23 @@ import torch
 from models.base import PixelInputs, PromptPlan
 from pipeline.errors import JobError
 from pipeline.records import Caption, Failed, ImageRef
-from pipeline.runner import Runner, ShardWork, Stages, Timers
+from pipeline.runner import Claim, Runner, ShardWork, Stages, Timers
 from pipeline.workers import OrderedPool
 from stages.records import ImageInputs, VisionFeatures
 
 
+REFS: dict[int, tuple[ImageRef, ...]] = {}       # shard -> its refs, as the claim makes them from the index
+
+
 def _refs(n: int, size: int, bad=()) -> list[ShardWork]:
     refs = [ImageRef(f"{'bad' if i in bad else 'img'}{i}", f"p{i}", f"/x/p{i}", i // size, i) for i in range(n)]
-    return [ShardWork(s, tuple(r for r in refs if r.shard == s)) for s in range(-(-n // size))]
+    REFS.clear()
+    REFS.update({s: tuple(r for r in refs if r.shard == s) for s in range(-(-n // size))})
+    return [ShardWork(s, len(REFS[s])) for s in REFS]
+
+
+def _claim(w: ShardWork) -> Claim:
+    return Claim(w.shard, object(), REFS[w.shard])
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,11 @@ class Recorder:
     def record(self, rec):
         self.records += 1
 
-    def commit(self, work, records, started):
-        self.commits.append((work.shard, [r.ref.key for r in records]))
+    def commit(self, claim, records, started):
+        self.commits.append((claim.shard, [r.ref.key for r in records]))
 
 
-def _stages(rec: Recorder, engine_factory, claim=lambda w: object(), pool=None) -> Stages:
+def _stages(rec: Recorder, engine_factory, claim=_claim, pool=None) -> Stages:
     pool = pool or OrderedPool(Prep(), 0, 4, on_crash=None).start()
     return Stages(pool=pool, encode=encode, make_engine=engine_factory, claim=claim, release=lambda c: None,
                   commit=rec.commit, progress=rec, encode_batch=2)
@@ -88,7 +97,7 @@ def test_every_row_once_routed_to_its_shard():
     assert summary.committed == (0, 1, 2) and not summary.failed
     assert [s for s, _ in rec.commits] == [0, 1, 2]
     for shard, keys in rec.commits:
-        assert sorted(keys) == sorted(r.key for r in work[shard].refs)
+        assert sorted(keys) == sorted(r.key for r in REFS[shard])
     assert summary.status == {"ok": 8, "missing": 2} and summary.images == 10 == rec.records
     assert summary.new_tokens == 16
 
@@ -129,9 +138,47 @@ def test_job_error_aborts_immediately():
 
 def test_unclaimable_shards_are_skipped():
     rec = Recorder()
-    summary = Runner(_stages(rec, ReversingEngine, claim=lambda w: None if w.shard == 1 else object())).run(_refs(6, 2))
+    summary = Runner(_stages(rec, ReversingEngine, claim=lambda w: None if w.shard == 1 else _claim(w))).run(_refs(6, 2))
     assert summary.committed == (0, 2) and summary.busy == (1,)
     assert [s for s, _ in rec.commits] == [0, 2]
+
+
+class CountingPool:
+    """The inline pool, counting the items that reach it."""
+
+    def __init__(self):
+        self.pool = OrderedPool(Prep(), 0, 4, on_crash=None).start()
+        self.seen: list[str] = []
+
+    def map(self, items):
+        return self.pool.map(self.seen.append(r.key) or r for r in items)
+
+    def head_ready(self):
+        return True
+
+
+def _screen_bad(refs):
+    """Stand-in screen: 'bad' keys are rows before the pool (pipeline/screen.py does it by stat)."""
+    return ([Failed(r, "preprocess", "missing", "no such file") for r in refs if r.key.startswith("bad")],
+            [r for r in refs if not r.key.startswith("bad")])
+
+
+def test_screened_refs_become_rows_without_reaching_the_pool():
+    rec, pool = Recorder(), CountingPool()
+    work = _refs(9, 3, bad={0, 1, 2, 4})                    # shard 0: every image screened out
+    st = Stages(**{**_stages(rec, ReversingEngine, pool=pool).__dict__, "screen": _screen_bad})
+    summary = Runner(st).run(work)
+    assert summary.committed == (0, 1, 2) and summary.status == {"ok": 5, "missing": 4}
+    assert sorted(pool.seen) == ["img3", "img5", "img6", "img7", "img8"]        # the pool never saw a bad ref
+    assert {s: sorted(k) for s, k in rec.commits} == {s: sorted(r.key for r in REFS[s]) for s in REFS}
+
+
+def test_a_claim_with_no_refs_commits_at_once():
+    rec = Recorder()
+    work = _refs(4, 2)
+    REFS[1] = ()
+    summary = Runner(_stages(rec, ReversingEngine)).run(work)
+    assert sorted(summary.committed) == [0, 1] and (1, []) in rec.commits and not summary.failed
 
 
 def test_timers_are_exclusive():

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from pipeline.sources import locator as L
 from pipeline.sources.fetch import FetchOptions, read_bytes
 from pipeline.sources.tar import scan_tar, split_name
-from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes
+from tests.source_fixtures import HttpServer, bytes_parquet, good_shard, hostile_shard, image_bytes, s3_server
 
 FAST = FetchOptions(timeout_s=1.0, retries=2, backoff_s=0.01, max_bytes=1 << 20)
 
@@ -202,27 +202,15 @@ def test_file_urls(tmp_path):
 # -- URLs: an S3-compatible server (moto) ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def s3_server():
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="images")
-    client.put_object(Bucket="images", Key="a/ok.png", Body=image_bytes(11))
-    client.put_object(Bucket="images", Key="a/page.html", Body=b"<html>no</html>")
-    client.put_object(Bucket="images", Key="a/big.png", Body=b"\x89PNG" + b"\0" * (2 << 20))
-    yield {"s3": {"endpoint_url": endpoint, "key": "test", "secret": "test",
-                  "client_kwargs": {"region_name": "us-east-1"}}}
-    srv.stop()
+def s3_options():
+    with s3_server({"images/a/ok.png": image_bytes(11), "images/a/page.html": b"<html>no</html>",
+                    "images/a/big.png": b"\x89PNG" + b"\0" * (2 << 20)}) as endpoint:
+        yield {"s3": {"endpoint_url": endpoint, "key": "test", "secret": "test",
+                      "client_kwargs": {"region_name": "us-east-1"}}}
 
 
-def test_s3_urls(s3_server):
-    opts = FetchOptions(timeout_s=5, retries=1, backoff_s=0.01, max_bytes=1 << 20, storage_options=s3_server)
+def test_s3_urls(s3_options):
+    opts = FetchOptions(timeout_s=5, retries=1, backoff_s=0.01, max_bytes=1 << 20, storage_options=s3_options)
     assert read_bytes("s3://images/a/ok.png", opts) == image_bytes(11)
     assert status_of("s3://images/a/missing.png", opts) == "download_error"
     assert status_of("s3://images/a/page.html", opts) == "not_an_image"

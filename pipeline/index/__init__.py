@@ -13,7 +13,7 @@ the hashed duplicate check, the shard-aligned writer), read (ManifestIndex, chec
 
 from pipeline.index.build import IndexInfo, build_index
 from pipeline.index.inputs import InputOptions, InputSpec, resolve_input
-from pipeline.index.read import IndexedRef, ManifestIndex, check_index
+from pipeline.index.read import ManifestIndex, check_index, current_parts
 
-__all__ = ["IndexInfo", "build_index", "InputOptions", "InputSpec", "resolve_input", "IndexedRef", "ManifestIndex",
-           "check_index"]
+__all__ = ["IndexInfo", "build_index", "InputOptions", "InputSpec", "resolve_input", "ManifestIndex", "check_index",
+           "current_parts"]

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import DEFAULT_MAX_IMAGE_BYTES
 from pipeline.errors import JobError
 from pipeline.index.formats import format_of
 
@@ -29,7 +30,7 @@ class InputOptions:
 
     image_column: str | None = None      # Parquet image-bytes column; None = auto (jpg, png, image...)
     key_column: str = "key"              # Parquet image-bytes: the sample key column
-    max_bytes: int = 64 << 20            # tar members claiming more are rows with status too_large
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES     # tar members claiming more are rows with status too_large
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,43 @@ def _kind_of_files(files: list[str], where: str) -> str:
                    "a list of images is a manifest, shards and Parquet files are listed alone")
 
 
+def _peek(manifest: Path, fmt: str) -> str | None:
+    """The manifest's first entry, reading as little as possible (a 10M-line manifest must not be
+    parsed to find out what it lists); None when there is none or it cannot be read here (the
+    index build then reports the problem with its line)."""
+    import csv
+    import json
+
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            batch = next(pq.ParquetFile(manifest).iter_batches(batch_size=1, columns=["path"]), None)
+            return batch.column(0)[0].as_py() if batch is not None and batch.num_rows else None
+        with open(manifest, encoding="utf-8-sig", newline="" if fmt in ("csv", "tsv") else None) as f:
+            if fmt in ("csv", "tsv"):
+                row = next(csv.DictReader(f, delimiter="," if fmt == "csv" else "\t"), None)
+                return row.get("path") if row else None
+            for line in f:
+                line = line.strip()
+                if fmt == "jsonl" and line:
+                    obj = json.loads(line)
+                    return obj.get("path") if isinstance(obj, dict) else None
+                if line and not line.startswith("#"):
+                    return line
+    except (OSError, ValueError, KeyError, StopIteration, csv.Error):      # ValueError: JSON, UTF-8, Arrow
+        return None
+    return None
+
+
 def _first_entries(manifest: Path, fmt: str) -> list[str]:
-    """Every entry of a manifest whose first entry names a shard/Parquet file (such lists are short)."""
+    """Every entry of a manifest whose first entry names a shard/Parquet file (such lists are short);
+    [] for a manifest of images."""
     from pipeline.index.parse import read_csv, read_parquet, read_txt, read_jsonl
 
+    head = _peek(manifest, fmt)
+    if not isinstance(head, str) or not head.strip().lower().endswith(_TAR + _PARQUET):
+        return []
     if fmt == "txt":
         batches = read_txt(manifest)
     elif fmt in ("csv", "tsv"):
@@ -68,15 +102,7 @@ def _first_entries(manifest: Path, fmt: str) -> list[str]:
         batches = read_jsonl(manifest)[1]
     else:
         batches = read_parquet(manifest)[1]
-    first = next(batches, None)
-    if first is None or len(first.paths) == 0 or not first.paths[0].is_valid:
-        return []
-    head = str(first.paths[0]).lower()
-    if not head.endswith(_TAR + _PARQUET):
-        return []
-    out = [p for p in first.paths.to_pylist()]
-    for b in batches:
-        out.extend(b.paths.to_pylist())
+    out = [p for b in batches for p in b.paths.to_pylist()]
     if any(not isinstance(p, str) or not p.strip() for p in out):
         raise JobError(f"{manifest}: an empty entry in a list of shards")
     return out
@@ -95,7 +121,7 @@ def resolve_input(given: str, options: InputOptions = InputOptions(), cwd: str |
         return InputSpec(given, _kind_of_files(files, f"pattern {given!r}"), "pattern", None, cwd, tuple(files), options)
     path = Path(given)
     if not path.is_file():
-        raise JobError(f"input {given} does not exist or is not a file")
+        raise JobError(f"input {given} does not exist or is not a file (--manifest / --input)")
     low = given.lower()
     if low.endswith(_TAR):
         return InputSpec(given, "tar", "file", None, cwd, (given,), options)

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
-from typing import Any, Mapping
 
+from pipeline.config import FetchOptions
 from pipeline.sources import locator as L
 from pipeline.sources.parquet_bytes import read_cell
 from pipeline.sources.tar import read_member
 from pipeline.sources.url import read_url
 
-DEFAULT_MAX_BYTES = 64 << 20       # one encoded image; a 10^8-pixel JPEG is ~30 MB
 _HTML = (b"<!doctype html", b"<html", b"<head", b"<?xml")
 
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """Limits for reading one image's bytes from a non-local source (picklable: sent to workers)."""
-
-    max_bytes: int = DEFAULT_MAX_BYTES
-    timeout_s: float = 30.0          # per attempt: connect, and each read
-    retries: int = 2                 # more attempts after the first, for transient errors only
-    backoff_s: float = 0.5           # doubled per retry
-    storage_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # per protocol
+__all__ = ["FetchOptions", "read_bytes"]        # FetchOptions is declared with the run's options
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:
