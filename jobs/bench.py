@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,7 @@ def run(cfg: BenchConfig) -> Summary:
     s = Summary(family=loaded.family, device=dev.describe(device), dtype=dtype_name(dtype),
                 machine=asdict(machine), kernels=loaded.kernels, threads=torch.get_num_threads())
     if device.type == "cpu":
-        s.cpu = asdict(dev.cpu_info())
+        s.cpu = {**asdict(dev.cpu_info()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     log.info("machine: %.1f GB/s streaming; GEMM %s GFLOP/s", machine.bandwidth_gbs,
              ", ".join(f"{k} {v:.0f}" for k, v in machine.matmul_paths.items()) or "n/a")
     run_once(loaded, image, cfg.image, 1, BenchConfig(**{**asdict(cfg), "max_new_tokens": 4}))   # warm-up
