@@ -22,7 +22,7 @@ caption run wrote, with short made-up captions, so captions.json and the exports
 Synthesis is set-up, timed but not a result. Goals (issue 12): each step < 60 s CPU and < 1 GiB
 peak RSS; the error path >= 20,000 rows/s.
 
-    python benchmarks/bookkeeping.py [--rows 10000000] [--out benchmarks/results] [--parquet/--no-parquet]
+    python benchmarks/bookkeeping.py [--rows 10000000] [--out benchmarks/results] [--parquet/--no-parquet] [--txt/--no-txt]
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--parquet", action=argparse.BooleanOptionalAction, default=True,
                     help="also the Parquet manifest's planning and one task")
+    ap.add_argument("--txt", action=argparse.BooleanOptionalAction, default=True,
+                    help="the txt manifest's steps (all of them)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary files (default: the system's)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bookkeeping-", dir=args.tmp))
@@ -211,7 +213,7 @@ def main() -> None:
     n_shards = -(-args.rows // SHARD_SIZE)
     try:
         for fmt, writer in (("txt", write_txt), ("parquet", write_parquet)):
-            if fmt == "parquet" and not args.parquet:
+            if (fmt == "parquet" and not args.parquet) or (fmt == "txt" and not args.txt):
                 continue
             manifest = tmp / f"manifest.{fmt}"
             t0 = time.perf_counter()

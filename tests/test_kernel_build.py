@@ -39,6 +39,13 @@ def test_builds_are_named_by_isa_and_never_native():
     assert build.load("none") is None
 
 
+def test_another_torch_install_gets_its_own_build(monkeypatch):
+    """torch rebuilds in place when its include paths change: a second venv must not share a name."""
+    before = build.build_name("avx2")
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/site-packages/torch/__init__.py")
+    assert build.build_name("avx2") != before
+
+
 def test_a_failed_build_falls_back_with_one_warning(tmp_path):
     """A compiler that fails: `load` gives None and says so once; the model still loads and
     captions on PyTorch's paths."""

@@ -10,8 +10,9 @@ on NFS across a cluster):
 - the code is compiled with the flags of a named ISA level, never `-march=native`, and only the
   level the running CPU supports is ever loaded (pipeline/device.py decides it), so a binary
   built on an AVX-512 node is never loaded on an AVX2 node (SIGILL cannot be caught);
-- the ISA, the source digest, the flags and the torch version are all in the build's name, so a
-  cached build is only reused for exactly what it was built for;
+- the ISA, the source digest, the flags, the torch version and the torch/Python install paths
+  are all in the build's name, so a cached build is only reused for exactly what it was built
+  for, and two installs sharing one cache never rebuild each other's entry;
 - builds are serialised with our own `flock` (released by the kernel when a builder dies), and
   under it a lock file left by torch's own build step in a killed process is removed — that file
   would otherwise make every later load wait forever.
@@ -55,7 +56,13 @@ def cache_dir() -> Path:
 
 
 def build_name(isa: str) -> str:
-    """vlmcap_cpu_<isa>_<digest of sources, flags and torch version>."""
+    """vlmcap_cpu_<isa>_<digest of sources, flags, torch version and where torch and Python's
+    headers are>. The install paths count because torch records its include paths in the build
+    file and rebuilds in place when they differ: two virtualenvs sharing one cache (a CI clone
+    beside a checkout, venvs per project on one `$HOME`) would otherwise rebuild each other's
+    entry on every first load (~50 s of compiler CPU each time, measured on the Zen 3)."""
+    import sysconfig
+
     import torch
 
     h = hashlib.sha256()
@@ -63,6 +70,7 @@ def build_name(isa: str) -> str:
         h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     h.update(" ".join(BASE_FLAGS + ISA_FLAGS[isa]).encode())
     h.update(f"torch {torch.__version__} py {sys.version_info[0]}.{sys.version_info[1]}".encode())
+    h.update(f"{Path(torch.__file__).resolve().parent}\0{sysconfig.get_paths()['include']}".encode())
     return f"vlmcap_cpu_{isa}_{h.hexdigest()[:12]}"
 
 
