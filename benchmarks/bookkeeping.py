@@ -153,6 +153,17 @@ def paths(n: int) -> pa.Array:
     return pc.binary_join_element_wise(folder, pc.binary_join_element_wise(name, ".jpg", ""), "/")
 
 
+def machine() -> str:
+    """The CPU model, the core count and this process's niceness (numbers are per machine)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, nice {os.nice(0)}"
+
+
 def write_txt(path: Path, n: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write("# bookkeeping benchmark manifest\n")
@@ -258,7 +269,7 @@ def main() -> None:
         r.pop("log", None)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {"benchmark": "bookkeeping (issue 12 phase 2)", "rows": args.rows, "shard_size": SHARD_SIZE,
-           "tasks": TASKS, "when": stamp, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared, nice 19)",
+           "tasks": TASKS, "when": stamp, "machine": machine(),
            "python": platform.python_version(), "pyarrow": pa.__version__, "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,9 @@ def load(isa: str):
 
 
 def _build(isa: str):
+    # cpp_extension warns "No CUDA runtime is found" (at import) on every CPU-only machine: not
+    # our concern here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load as load_extension
 
     name = build_name(isa)
@@ -100,8 +103,6 @@ def _build(isa: str):
     build_dir = root / name
     build_dir.mkdir(parents=True, exist_ok=True)
     _ninja_on_path()
-    # cpp_extension warns "No CUDA runtime is found" on every CPU-only machine: not our concern here
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with _exclusive(root / f"{name}.lock"):
         # torch's FileBaton: a file `lock` in the build dir while torch builds; a killed build
         # leaves it and every later load would wait for it forever. Under our flock no live
