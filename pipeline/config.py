@@ -164,6 +164,10 @@ class ArraySlice:
     def owns(self, shard: int) -> bool:
         return shard % self.total == self.index
 
+    def shards(self, n_shards: int) -> range:
+        """The shards of a run of n_shards that this slice owns."""
+        return range(self.index, n_shards, self.total)
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -423,7 +423,7 @@ class Ledger:
 
     def pending(self, part: ArraySlice) -> list[int]:
         done = self.markers(part)
-        return [s for s in range(part.index, self.layout.n_shards, part.total) if s not in done]
+        return [s for s in part.shards(self.layout.n_shards) if s not in done]
 
     def set_aside_shards(self, names: list[str] | None = None) -> list[int]:
         """Shards with a marker set aside (NNNNN.done.json.bad), whether redone since or not."""

@@ -112,7 +112,7 @@ def preview(cfg: RunConfig) -> PlanReport:
     if starts_over:                       # an array task's --overwrite clears its own slice only
         markers = {s: m for s, m in markers.items() if cfg.array.total > 1 and not cfg.array.owns(s)}
     failed = {s: m.failed for s, m in markers.items() if m.failed}
-    mine = tuple(s for s in range(cfg.array.index, layout.n_shards, cfg.array.total) if s not in markers)
+    mine = tuple(s for s in cfg.array.shards(layout.n_shards) if s not in markers)
     mine_failed = {s: n for s, n in failed.items() if cfg.array.owns(s)}
     task = Slice(cfg.array.index, cfg.array.total, mine, sum(len(layout.indices(s)) for s in mine),
                  len(mine_failed), sum(mine_failed.values()))
