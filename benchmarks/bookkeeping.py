@@ -154,14 +154,11 @@ def paths(n: int) -> pa.Array:
 
 
 def machine() -> str:
-    """The CPU model, the core count and this process's niceness (numbers are per machine)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, nice {os.nice(0)}"
+    """The CPU (model and ISA, as the device module reads them), cores and this process's niceness."""
+    from pipeline.device import cpu_count, cpu_info
+
+    cpu = cpu_info()
+    return f"{cpu.model} (ISA {cpu.isa}), {cpu_count()} CPUs, nice {os.nice(0)}"
 
 
 def write_txt(path: Path, n: int) -> None:
